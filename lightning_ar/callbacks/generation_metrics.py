@@ -1,0 +1,165 @@
+"""``GenerationMetrics``: generate for the labels of each validation/test batch and score the samples.
+
+Works with any LightningModule that has ``generate(labels, generator=..., **kwargs) -> latents`` and a data module
+with ``make_evaluator()`` (or an explicit evaluator factory). ``variants`` compares several generation settings
+(samplers, refinement modes, guidance scales) from one checkpoint with the same seeds, one row each.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_ar.callbacks.results import format_table, write_results
+from lightning_ar.metrics.base import SampleEvaluator
+
+DEFAULT_VARIANT = "default"
+
+
+class GenerationMetrics(Callback):
+    """Sample-quality metrics of generated latents, logged in ``validate``/``test``; ``test`` writes a table.
+
+    For every validation/test batch ``(latents, labels)`` it generates one sample per label (seeded by
+    ``seed``, the batch index and the process rank), times it, and feeds an evaluator per variant.
+
+    Logged keys (``<stage>`` is ``val`` or ``test``; ``/<variant>`` is inserted after the stage unless the only
+    variant is ``default``):
+
+    - ``<stage>/<metric>``: every key of the evaluator's ``compute()`` (digits: ``fid``, ``cond_acc``;
+      gmm: ``nll``, ``cond_acc``, ``swd``);
+    - ``<stage>/<metric>_floor``: the evaluator's real-vs-real reference;
+    - ``<stage>/sec_per_image``: sampling wall time per generated image.
+
+    At the end of ``test`` the table (one row per variant, with the floors) is written to
+    ``<results_dir>/results.md`` and ``results.json`` and printed.
+
+    Args:
+        variants: Name -> keyword arguments of ``generate`` (e.g. ``{"ddpm": {"sampler": "ddpm"}}``).
+            ``None`` means one variant ``default`` with the module's defaults.
+        on_validation: Also generate during validation (every ``every_n_epochs`` epochs).
+        every_n_epochs: Validation epochs between evaluations.
+        seed: Base seed of generation.
+        results_dir: Where ``test`` writes its table (default: the trainer's log dir).
+        max_batches: Generate for at most this many batches per evaluation (``None`` = all).
+    """
+
+    def __init__(
+        self,
+        variants: dict[str, dict[str, Any]] | None = None,
+        on_validation: bool = True,
+        every_n_epochs: int = 1,
+        seed: int = 0,
+        results_dir: str | None = None,
+        max_batches: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.variants = dict(variants) if variants else {DEFAULT_VARIANT: {}}
+        self.on_validation, self.every_n_epochs, self.seed = on_validation, every_n_epochs, seed
+        self.results_dir, self.max_batches = results_dir, max_batches
+        self._evaluators: dict[str, SampleEvaluator] = {}
+        self._seconds: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+        self._active = False
+        self.last_results: dict[str, dict[str, float]] = {}
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.every_n_epochs < 1:
+            raise ValueError(f"GenerationMetrics.every_n_epochs must be >= 1, got {self.every_n_epochs}")
+        if not callable(getattr(pl_module, "generate", None)):
+            raise TypeError(f"GenerationMetrics needs a module with generate(labels, ...); got {type(pl_module)}")
+        if not callable(getattr(trainer.datamodule, "make_evaluator", None)):
+            raise TypeError("GenerationMetrics needs a data module with make_evaluator() (e.g. LatentDataModule)")
+        for name, kwargs in self.variants.items():
+            if not isinstance(kwargs, dict):
+                raise TypeError(f"GenerationMetrics.variants[{name!r}] must be a dict of generate() arguments")
+
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for name in self.variants:
+            if name not in self._evaluators:
+                self._evaluators[name] = trainer.datamodule.make_evaluator()
+            self._evaluators[name].prepare(pl_module.device)
+            self._evaluators[name].reset()
+        self._seconds = dict.fromkeys(self.variants, 0.0)
+        self._counts = dict.fromkeys(self.variants, 0)
+
+    def _generate(self, trainer: L.Trainer, pl_module: L.LightningModule, labels: torch.Tensor, batch_idx: int):
+        if self.max_batches is not None and batch_idx >= self.max_batches:
+            return
+        for name, kwargs in self.variants.items():
+            seed = (self.seed * 1_000_003 + batch_idx) * max(trainer.world_size, 1) + trainer.global_rank
+            generator = torch.Generator(pl_module.device).manual_seed(seed)
+            _synchronize(pl_module.device)
+            start = time.perf_counter()
+            latents = pl_module.generate(labels, generator=generator, **kwargs)
+            _synchronize(pl_module.device)
+            self._seconds[name] += time.perf_counter() - start
+            self._counts[name] += labels.shape[0]
+            self._evaluators[name].update(latents, labels)
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, dict[str, float]]:
+        results = {}
+        for name in self.variants:
+            row = dict(self._evaluators[name].compute())
+            row.update(self._evaluators[name].reference())
+            row["sec_per_image"] = self._seconds[name] / max(self._counts[name], 1)
+            row["num_samples"] = float(self._counts[name])
+            results[name] = row
+            prefix = stage if list(self.variants) == [DEFAULT_VARIANT] else f"{stage}/{name}"
+            for key, value in row.items():
+                if key != "num_samples":
+                    pl_module.log(f"{prefix}/{key}", value, rank_zero_only=True)
+        self.last_results = results
+        return results
+
+    # --------------------------------------------------------------------------------------------- validation
+    def _val_enabled(self, trainer: L.Trainer) -> bool:
+        return self.on_validation and not trainer.sanity_checking and (
+            (trainer.current_epoch + 1) % self.every_n_epochs == 0 or trainer.state.fn != "fit"
+        )
+
+    @override
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._active = self._val_enabled(trainer)
+        if self._active:
+            self._start(trainer, pl_module)
+
+    @override
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._active:
+            self._generate(trainer, pl_module, batch[1], batch_idx)
+
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._active:
+            self._finish(trainer, pl_module, "val")
+        self._active = False
+
+    # ---------------------------------------------------------------------------------------------------- test
+    @override
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+    @override
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._generate(trainer, pl_module, batch[1], batch_idx)
+
+    @override
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        results = self._finish(trainer, pl_module, "test")
+        if trainer.is_global_zero:
+            out_dir = Path(self.results_dir or trainer.log_dir or trainer.default_root_dir)
+            paths = write_results(results, out_dir, title=f"Test results ({type(pl_module).__name__})")
+            rank_zero_info(f"\n{format_table(results)}\nResults written to {paths[0]} and {paths[1]}")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

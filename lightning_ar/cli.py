@@ -1,0 +1,58 @@
+"""The ``lightning-ar`` command: LightningCLI with ``fit|validate|test|predict`` on YAML configs (omegaconf mode).
+
+``data.latent_shape``, ``data.num_classes`` and ``data.latent_scale`` are linked into the model at instantiation, so
+a config never types them twice. Every model of the collection accepts these three arguments.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+from omegaconf import OmegaConf
+
+from lightning_ar.data.datamodule import LatentDataModule
+
+LINKED = ("latent_shape", "num_classes", "latent_scale")
+
+
+def _register_resolvers() -> None:
+    """omegaconf resolvers usable in configs: ``${mul:a,b}`` and ``${div:a,b}`` (e.g. lr scaled by batch size)."""
+    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+    for name, fn in (("mul", lambda a, b: a * b), ("div", lambda a, b: a / b)):
+        if not OmegaConf.has_resolver(name):
+            register(name, fn)
+
+
+class LightningARCLI(LightningCLI):
+    """LightningCLI that links data-derived values into the model."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        for name in LINKED:
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> LightningARCLI:
+    """Parse ``args`` (``sys.argv[1:]`` when ``None``), instantiate, and run the subcommand unless ``run=False``.
+
+    Returns:
+        The CLI object (``cli.trainer``, ``cli.model``, ``cli.datamodule``).
+    """
+    _register_resolvers()
+    return LightningARCLI(
+        model_class=None,
+        datamodule_class=LatentDataModule,
+        subclass_mode_model=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=args,
+        run=run,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``lightning-ar`` (shell, demo, notebooks and tests): ``fit|validate|test|predict``."""
+    build_cli(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""``MARGenerator``: the LightningModule that trains and samples a MAR transformer with a per-token diffusion loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from lightning_ar.modules.optim import adamw_param_groups, default_optimizer
+from lightning_ar.modules.utils import check_latent_shape, eval_mode
+from lightning_ar.nn.diffusion_loss import DiffusionLoss
+from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, patchify, unpatchify
+from lightning_ar.nn.masking import mask_from_orders, num_masked_for_training, random_orders, sample_mask_ratio
+from lightning_ar.nn.sampler import ConditionRefiner, check_sampling_args, sample_tokens
+from lightning_ar.nn.trace import GenerationTrace
+
+
+class MARGenerator(L.LightningModule):
+    """Class-conditional MAR generator (Li et al., 2024): masked AR transformer + per-token diffusion loss.
+
+    Args:
+        latent_shape: ``(C, H, W)`` of one latent (linked from the data module by the CLI).
+        num_classes: Number of class labels (linked from the data module).
+        latent_scale: Multiplier applied to latents by the data module; ``generate`` divides by it.
+        patch_size: Latent patch size; tokens have dimension ``patch_size**2 * C``.
+        width: Transformer width (= condition dimension).
+        encoder_depth: Encoder blocks.
+        decoder_depth: Decoder blocks.
+        num_heads: Attention heads.
+        mlp_ratio: Transformer MLP ratio.
+        buffer_size: Leading class-embedding positions of the encoder (MAR: 64).
+        dropout: Attention/projection dropout (MAR: 0.1).
+        label_drop_prob: Class-label drop probability for classifier-free guidance (MAR: 0.1).
+        head_width: Width of the diffusion MLP.
+        head_depth: Residual blocks of the diffusion MLP.
+        diffusion_batch_mul: Times each token is repeated with fresh noise and timestep in the loss (MAR: 4).
+        num_train_timesteps: Diffusion training steps (MAR: 1000).
+        mask_ratio_min: Lower cut of the truncated-normal training mask ratio (MAR: 0.7).
+        mask_ratio_std: Standard deviation of that normal (mean 1.0; MAR: 0.25).
+        optimizer: Optimizer factory called with parameter groups (default AdamW lr 1e-4, betas (0.9, 0.95),
+            weight decay 0.02); biases, norms, embeddings of dimension 1 and the diffusion head get no weight decay.
+        lr_scheduler: Scheduler factory, stepped every optimizer step (e.g. ``LinearLR`` for warmup then constant).
+        num_iter: Default number of AR sampling steps.
+        cfg: Default classifier-free guidance scale (1 = off).
+        cfg_schedule: ``linear`` (MAR) or ``constant``.
+        temperature: Default sampling temperature.
+        num_sampling_steps: Default denoising steps of the head per AR step (MAR: 100).
+        sampler: Default head sampler: ``ddpm``, ``ddim`` or ``dpm++``.
+    """
+
+    def __init__(
+        self,
+        latent_shape: tuple[int, int, int] = (1, 8, 8),
+        num_classes: int = 10,
+        latent_scale: float = 1.0,
+        patch_size: int = 2,
+        width: int = 256,
+        encoder_depth: int = 4,
+        decoder_depth: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        buffer_size: int = 4,
+        dropout: float = 0.1,
+        label_drop_prob: float = 0.1,
+        head_width: int = 256,
+        head_depth: int = 3,
+        diffusion_batch_mul: int = 4,
+        num_train_timesteps: int = 1000,
+        mask_ratio_min: float = 0.7,
+        mask_ratio_std: float = 0.25,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        num_iter: int = 8,
+        cfg: float = 1.0,
+        cfg_schedule: str = "linear",
+        temperature: float = 1.0,
+        num_sampling_steps: int = 100,
+        sampler: str = "ddpm",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.latent_shape = check_latent_shape(latent_shape, patch_size)
+        c, h, w = self.latent_shape
+        self.seq_len, self.token_dim = (h // patch_size) * (w // patch_size), patch_size * patch_size * c
+        self._check_options()
+        self.mar = MaskedAutoregressiveTransformer(
+            self.token_dim, self.seq_len, num_classes, width, encoder_depth, decoder_depth, num_heads, mlp_ratio,
+            buffer_size, dropout, label_drop_prob,
+        )
+        self.head = DiffusionLoss(self.token_dim, width, head_width, head_depth, num_train_timesteps)
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+
+    def _check_options(self) -> None:
+        hp = self.hparams
+        if hp.num_classes < 1:
+            raise ValueError(f"model.num_classes must be >= 1, got {hp.num_classes}")
+        if not hp.latent_scale > 0:
+            raise ValueError(f"model.latent_scale must be > 0, got {hp.latent_scale}")
+        if hp.width % hp.num_heads:
+            raise ValueError(f"model.width ({hp.width}) must be divisible by model.num_heads ({hp.num_heads})")
+        if hp.diffusion_batch_mul < 1:
+            raise ValueError(f"model.diffusion_batch_mul must be >= 1, got {hp.diffusion_batch_mul}")
+        if not 0.0 < hp.mask_ratio_min <= 1.0:
+            raise ValueError(f"model.mask_ratio_min must be in (0, 1], got {hp.mask_ratio_min}")
+        labels = torch.zeros(1, dtype=torch.long)
+        try:
+            check_sampling_args(
+                labels, hp.num_classes, self.seq_len, hp.num_iter, hp.sampler, hp.cfg_schedule, hp.temperature
+            )
+        except ValueError as err:
+            raise ValueError(f"model.{err}") from None
+        if not 1 <= hp.num_sampling_steps <= hp.num_train_timesteps:
+            raise ValueError(f"model.num_sampling_steps must be in [1, {hp.num_train_timesteps}]")
+
+    # ----------------------------------------------------------------------------------------------- training
+    def diffusion_loss(self, latents: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Mean diffusion loss over the masked tokens of a batch.
+
+        Args:
+            latents: ``[B, C, H, W]`` scaled latents.
+            labels: ``[B]`` class labels.
+            generator: RNG for mask ratio, orders, label drop, timesteps and noise (global RNG if ``None``).
+
+        Returns:
+            Scalar loss.
+        """
+        if tuple(latents.shape[1:]) != self.latent_shape:
+            raise ValueError(
+                f"data latents have shape {tuple(latents.shape[1:])} but model.latent_shape is {self.latent_shape}"
+            )
+        tokens = patchify(latents, self.hparams.patch_size)  # (B, L, Dt)
+        ratio = sample_mask_ratio(generator, latents.device, low=self.hparams.mask_ratio_min,
+                                  std=self.hparams.mask_ratio_std)
+        orders = random_orders(tokens.shape[0], self.seq_len, generator, latents.device)
+        mask = mask_from_orders(orders, num_masked_for_training(self.seq_len, ratio))  # (B, L)
+        z = self.mar(tokens, mask, labels, drop=self.mar.label_drop(labels, generator))  # (B, L, W)
+        mul = self.hparams.diffusion_batch_mul
+        target, cond = tokens[mask].repeat(mul, 1), z[mask].repeat(mul, 1)  # (B*n*mul, Dt), (B*n*mul, W)
+        return self.head(target, cond, generator).mean()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self.diffusion_loss(*batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch[0].shape[0])
+        return loss
+
+    def _eval_loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> Tensor:
+        generator = torch.Generator(self.device).manual_seed(batch_idx)
+        loss = self.diffusion_loss(*batch, generator=generator)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=batch[0].shape[0], sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_loss(batch, batch_idx, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_loss(batch, batch_idx, "test")
+
+    def configure_optimizers(self) -> Any:
+        groups = adamw_param_groups(self, no_decay_modules=(self.head,))
+        optimizer = self.optimizer_factory(groups) if self.optimizer_factory else default_optimizer(groups)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: Tensor,
+        num_iter: int | None = None,
+        cfg: float | None = None,
+        cfg_schedule: str | None = None,
+        temperature: float | None = None,
+        num_sampling_steps: int | None = None,
+        sampler: str | None = None,
+        generator: torch.Generator | None = None,
+        trace: GenerationTrace | None = None,
+        refiner: ConditionRefiner | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Generate latents for ``labels``; options left ``None`` take the module's defaults.
+
+        The module is switched to eval mode for sampling and restored afterwards. With Lightning's
+        ``EMAWeightAveraging`` the weights in use during validation, and those in its checkpoints, are the EMA ones.
+
+        Args:
+            labels: ``[B]`` class labels in ``[0, num_classes)``, on the module's device.
+            num_iter: AR steps in ``[1, L]``.
+            cfg: Guidance scale.
+            cfg_schedule: ``linear`` or ``constant``.
+            temperature: Sampling temperature.
+            num_sampling_steps: Denoising steps of the head.
+            sampler: ``ddpm``, ``ddim`` or ``dpm++``.
+            generator: ``torch.Generator`` on the module's device (global RNG if ``None``).
+            trace: :class:`GenerationTrace` to fill with per-step internals.
+            refiner: Hook applied to the conditions of every AR step.
+            progress: Show a progress bar over AR steps.
+
+        Returns:
+            ``[B, C, H, W]`` latents in the data's unscaled (VAE) space.
+        """
+        hp = self.hparams
+        labels = torch.as_tensor(labels, device=self.device)
+        if generator is not None and generator.device.type != labels.device.type:
+            raise ValueError(f"generator is on {generator.device} but the model is on {labels.device}")
+        with eval_mode(self):
+            tokens = sample_tokens(
+                self.mar, self.head, labels,
+                num_iter=hp.num_iter if num_iter is None else num_iter,
+                cfg=hp.cfg if cfg is None else cfg,
+                cfg_schedule=cfg_schedule or hp.cfg_schedule,
+                temperature=hp.temperature if temperature is None else temperature,
+                num_sampling_steps=num_sampling_steps or hp.num_sampling_steps,
+                sampler=sampler or hp.sampler,
+                generator=generator, trace=trace, refiner=refiner, progress=progress,
+            )  # (B, L, Dt)
+        latents = unpatchify(tokens, hp.patch_size, *self.latent_shape)  # (B, C, H, W)
+        return latents / hp.latent_scale
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Generate one latent per ``(label, index)`` of the batch, seeded by the batch's first index."""
+        labels, indices = batch
+        generator = torch.Generator(self.device).manual_seed(int(indices[0]))
+        latents = self.generate(labels, generator=generator)
+        return {"latents": latents, "labels": labels, "indices": indices}

@@ -1,0 +1,25 @@
+"""Plain PyTorch modules (no Lightning): transformer, diffusion head and loss, masking, sampler, trace."""
+
+from lightning_ar.nn.diffusion_head import AdaLNMLPDenoiser
+from lightning_ar.nn.diffusion_loss import SAMPLERS, DiffusionLoss
+from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, patchify, unpatchify
+from lightning_ar.nn.masking import cosine_schedule, mask_from_orders, random_orders, sample_mask_ratio
+from lightning_ar.nn.sampler import ConditionRefiner, sample_tokens
+from lightning_ar.nn.trace import GenerationTrace, StepRecord
+
+__all__ = [
+    "SAMPLERS",
+    "AdaLNMLPDenoiser",
+    "ConditionRefiner",
+    "DiffusionLoss",
+    "GenerationTrace",
+    "MaskedAutoregressiveTransformer",
+    "StepRecord",
+    "cosine_schedule",
+    "mask_from_orders",
+    "patchify",
+    "random_orders",
+    "sample_mask_ratio",
+    "sample_tokens",
+    "unpatchify",
+]

@@ -1,0 +1,119 @@
+"""The per-token denoiser of MAR: a small MLP whose residual blocks are modulated by AdaLN.
+
+The condition ``z`` (one vector per token) and the timestep embedding are summed into one conditioning vector that
+produces a shift, scale and gate for each residual block. Modulations and the output layer are zero-initialised, so
+the untrained head predicts zero noise and a mid-range variance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding ``[N, dim]`` of (possibly fractional) timesteps ``t`` ``[N]``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]  # (N, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return nn.functional.pad(emb, (0, dim % 2))
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal frequencies followed by a two-layer MLP (as in DiT)."""
+
+    def __init__(self, width: int, frequency_dim: int = 256) -> None:
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: Tensor) -> Tensor:
+        """``[N]`` timesteps to ``[N, width]``."""
+        return self.mlp(timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
+
+
+class AdaLNResBlock(nn.Module):
+    """``x + gate * MLP(LN(x) * (1 + scale) + shift)`` with (shift, scale, gate) from the conditioning vector."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """``x``, ``c``: ``[N, width]``."""
+        shift, scale, gate = self.modulation(c).chunk(3, dim=-1)  # 3 x (N, W)
+        h = self.norm(x) * (1 + scale) + shift
+        return x + gate * self.mlp(h)
+
+
+class FinalLayer(nn.Module):
+    """AdaLN-modulated, affine-free LayerNorm followed by the output projection."""
+
+    def __init__(self, width: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = nn.Linear(width, out_dim)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.modulation(c).chunk(2, dim=-1)
+        return self.linear(self.norm(x) * (1 + scale) + shift)
+
+
+class AdaLNMLPDenoiser(nn.Module):
+    """MAR's ``SimpleMLPAdaLN``: predicts noise and the learned-range variance interpolation for each token.
+
+    Args:
+        token_dim: Dimension of one token.
+        cond_dim: Dimension of the condition ``z`` (the transformer width).
+        width: Hidden width of the MLP.
+        depth: Number of AdaLN residual blocks.
+        learn_sigma: Predict ``2 * token_dim`` outputs (noise and variance interpolation) instead of ``token_dim``.
+    """
+
+    def __init__(self, token_dim: int, cond_dim: int, width: int = 256, depth: int = 3, learn_sigma: bool = True):
+        super().__init__()
+        self.token_dim, self.learn_sigma = token_dim, learn_sigma
+        self.time_embed = TimestepEmbedder(width)
+        self.cond_embed = nn.Linear(cond_dim, width)
+        self.input_proj = nn.Linear(token_dim, width)
+        self.blocks = nn.ModuleList(AdaLNResBlock(width) for _ in range(depth))
+        self.final = FinalLayer(width, token_dim * (2 if learn_sigma else 1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier linears, normal(0.02) timestep MLP, zero modulations and output layer."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for layer in (self.time_embed.mlp[0], self.time_embed.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation[-1].weight)
+            nn.init.zeros_(block.modulation[-1].bias)
+        for layer in (self.final.modulation[-1], self.final.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
+        """Denoiser output.
+
+        Args:
+            x: ``[N, token_dim]`` noisy tokens.
+            t: ``[N]`` diffusion timesteps (training scale, ``0..T-1``).
+            z: ``[N, cond_dim]`` conditions.
+
+        Returns:
+            ``[N, 2*token_dim]`` (noise, variance interpolation in ``[-1, 1]``) or ``[N, token_dim]``.
+        """
+        c = self.time_embed(t) + self.cond_embed(z)  # (N, W)
+        h = self.input_proj(x)  # (N, W)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.final(h, c)

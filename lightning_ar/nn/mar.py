@@ -1,0 +1,184 @@
+"""The MAE-style masked autoregressive transformer of MAR (Li et al., 2024) that turns visible tokens into conditions.
+
+The encoder sees ``buffer_size`` leading positions filled with the class embedding plus the *visible* tokens only; the
+decoder sees every position, with a learned mask token at the masked ones. Three learned position embeddings are
+used (encoder, decoder, and ``diffusion_pos_embed`` added to the decoder output). The output, one vector ``z`` per
+token, is the *condition* of the per-token diffusion head.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+
+def patchify(latents: Tensor, patch_size: int) -> Tensor:
+    """Split latents into a raster sequence of flattened patches.
+
+    Args:
+        latents: ``[B, C, H, W]`` with ``H`` and ``W`` divisible by ``patch_size``.
+
+    Returns:
+        ``[B, (H/p)*(W/p), p*p*C]`` tokens.
+    """
+    if latents.ndim != 4:
+        raise ValueError(f"latents must be [B, C, H, W], got shape {tuple(latents.shape)}")
+    if latents.shape[-1] % patch_size or latents.shape[-2] % patch_size:
+        raise ValueError(f"patch_size={patch_size} must divide the latent height and width {tuple(latents.shape[-2:])}")
+    return rearrange(latents, "b c (h p) (w q) -> b (h w) (p q c)", p=patch_size, q=patch_size)
+
+
+def unpatchify(tokens: Tensor, patch_size: int, channels: int, height: int, width: int) -> Tensor:
+    """Inverse of :func:`patchify`: ``[B, L, p*p*C]`` tokens to ``[B, C, H, W]`` latents."""
+    h, w = height // patch_size, width // patch_size
+    if tokens.ndim != 3 or tokens.shape[1] != h * w or tokens.shape[2] != patch_size * patch_size * channels:
+        raise ValueError(
+            f"tokens must be [B, {h * w}, {patch_size * patch_size * channels}] for latents "
+            f"({channels}, {height}, {width}) and patch_size={patch_size}, got shape {tuple(tokens.shape)}"
+        )
+    return rearrange(tokens, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=patch_size, q=patch_size)
+
+
+def _blocks(width: int, depth: int, num_heads: int, mlp_ratio: float, dropout: float) -> nn.ModuleList:
+    return nn.ModuleList(
+        Block(width, num_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=dropout) for _ in range(depth)
+    )
+
+
+class MaskedAutoregressiveTransformer(nn.Module):
+    """MAE-style encoder/decoder producing one condition vector per token.
+
+    Args:
+        token_dim: Dimension of one token (``patch_size**2 * latent channels``).
+        seq_len: Number of tokens per image.
+        num_classes: Number of class labels; index ``num_classes`` is never used (the null class is a separate vector).
+        width: Transformer width for both encoder and decoder (the condition dimension).
+        encoder_depth: Number of encoder blocks.
+        decoder_depth: Number of decoder blocks.
+        num_heads: Attention heads.
+        mlp_ratio: Hidden size of the block MLP relative to ``width``.
+        buffer_size: Leading positions filled with the class embedding (MAR: 64).
+        dropout: Dropout in attention and projections (MAR: 0.1).
+        label_drop_prob: Probability of replacing the class embedding by the learned null embedding in training.
+    """
+
+    def __init__(
+        self,
+        token_dim: int,
+        seq_len: int,
+        num_classes: int,
+        width: int = 256,
+        encoder_depth: int = 4,
+        decoder_depth: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        buffer_size: int = 4,
+        dropout: float = 0.1,
+        label_drop_prob: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1 (it carries the class embedding), got {buffer_size}")
+        self.seq_len, self.buffer_size, self.num_classes = seq_len, buffer_size, num_classes
+        self.label_drop_prob = label_drop_prob
+        self.class_emb = nn.Embedding(num_classes, width)
+        self.null_class_emb = nn.Parameter(torch.zeros(1, width))
+        self.z_proj = nn.Linear(token_dim, width)
+        self.z_proj_ln = nn.LayerNorm(width, eps=1e-6)
+        self.encoder_pos_embed = nn.Parameter(torch.zeros(1, buffer_size + seq_len, width))
+        self.encoder_blocks = _blocks(width, encoder_depth, num_heads, mlp_ratio, dropout)
+        self.encoder_norm = nn.LayerNorm(width, eps=1e-6)
+        self.decoder_embed = nn.Linear(width, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, buffer_size + seq_len, width))
+        self.decoder_blocks = _blocks(width, decoder_depth, num_heads, mlp_ratio, dropout)
+        self.decoder_norm = nn.LayerNorm(width, eps=1e-6)
+        self.diffusion_pos_embed = nn.Parameter(torch.zeros(1, seq_len, width))
+        self.reset_parameters()
+
+    @property
+    def width(self) -> int:
+        """Dimension of the produced conditions."""
+        return self.z_proj.out_features
+
+    def reset_parameters(self) -> None:
+        """MAR's initialisation: normal(0.02) for embeddings and tokens, Xavier for linears, unit LayerNorms."""
+        for p in (self.class_emb.weight, self.null_class_emb, self.mask_token):
+            nn.init.normal_(p, std=0.02)
+        for p in (self.encoder_pos_embed, self.decoder_pos_embed, self.diffusion_pos_embed):
+            nn.init.normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias) if m.bias is not None else None
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def class_embedding(self, labels: Tensor, drop: Tensor | None = None) -> Tensor:
+        """Class embeddings ``[B, width]``; rows where ``drop`` is ``True`` (or ``labels == -1``) get the null one."""
+        null = labels < 0
+        if drop is not None:
+            null = null | drop
+        emb = self.class_emb(labels.clamp(min=0))
+        return torch.where(null[:, None], self.null_class_emb.to(emb.dtype), emb)
+
+    def label_drop(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
+        """Bool ``[B]`` of labels to replace by the null class in training (``None`` in eval or with prob 0)."""
+        if not self.training or self.label_drop_prob <= 0:
+            return None
+        return torch.rand(labels.shape[0], device=labels.device, generator=generator) < self.label_drop_prob
+
+    def encode(self, tokens: Tensor, mask: Tensor, class_emb: Tensor) -> Tensor:
+        """Encoder over buffer + visible tokens.
+
+        Args:
+            tokens: ``[B, L, token_dim]``.
+            mask: ``[B, L]`` bool, ``True`` where masked; every row must mask the same number of tokens.
+            class_emb: ``[B, width]``.
+
+        Returns:
+            ``[B, buffer + visible, width]``.
+        """
+        b = tokens.shape[0]
+        x = self.z_proj(tokens)  # (B, L, W)
+        buffer = class_emb[:, None, :].expand(b, self.buffer_size, -1)  # (B, buf, W)
+        x = torch.cat([buffer.to(x.dtype), x], dim=1) + self.encoder_pos_embed  # (B, buf+L, W)
+        x = self.z_proj_ln(x)
+        keep = torch.cat([mask.new_ones(b, self.buffer_size), ~mask], dim=1)  # (B, buf+L)
+        x = x[keep].reshape(b, -1, x.shape[-1])  # (B, buf+visible, W)
+        for block in self.encoder_blocks:
+            x = block(x)
+        return self.encoder_norm(x)
+
+    def decode(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Decoder over all positions; returns conditions ``[B, L, width]`` (buffer removed)."""
+        b = mask.shape[0]
+        x = self.decoder_embed(x)  # (B, buf+visible, W)
+        keep = torch.cat([mask.new_ones(b, self.buffer_size), ~mask], dim=1)  # (B, buf+L)
+        full = self.mask_token.to(x.dtype).expand(b, keep.shape[1], -1).clone()  # (B, buf+L, W)
+        full[keep] = x.reshape(-1, x.shape[-1])
+        x = full + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.decoder_norm(x)[:, self.buffer_size :]  # (B, L, W)
+        return x + self.diffusion_pos_embed
+
+    def forward(self, tokens: Tensor, mask: Tensor, labels: Tensor, drop: Tensor | None = None) -> Tensor:
+        """Conditions for every position.
+
+        Args:
+            tokens: ``[B, L, token_dim]`` token values (masked positions are ignored).
+            mask: ``[B, L]`` bool, ``True`` at masked positions, the same count in every row.
+            labels: ``[B]`` class indices in ``[0, num_classes)``; ``-1`` selects the null (unconditional) class.
+            drop: optional ``[B]`` bool, rows whose label is replaced by the null class (CFG training).
+
+        Returns:
+            ``[B, L, width]`` conditions ``z``.
+        """
+        counts = mask.sum(dim=1)
+        if bool((counts != counts[0]).any()):
+            raise ValueError("every row of `mask` must mask the same number of tokens")
+        return self.decode(self.encode(tokens, mask, self.class_embedding(labels, drop)), mask)

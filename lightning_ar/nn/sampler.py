@@ -1,0 +1,130 @@
+"""MAR's sampling loop: reveal tokens over ``num_iter`` AR steps in a random order per sample.
+
+At each step the transformer turns the tokens generated so far into conditions, the tokens scheduled for this step
+are sampled by the diffusion head (all of the batch at once), and the mask shrinks along the cosine schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lightning_ar.nn.diffusion_loss import SAMPLERS, DiffusionLoss
+from lightning_ar.nn.mar import MaskedAutoregressiveTransformer
+from lightning_ar.nn.masking import cosine_schedule, mask_from_orders, random_orders
+from lightning_ar.nn.trace import GenerationTrace
+
+CfgSchedule = Literal["linear", "constant"]
+
+
+class ConditionRefiner(Protocol):
+    """Hook that moves the conditions of the tokens predicted at one AR step (e.g. the OT refinement)."""
+
+    def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
+        """``z`` ``[N, D]``, ``labels`` ``[N]``, ``positions`` ``[N]`` -> refined ``[N, D]``."""
+        ...
+
+
+def cfg_at_step(cfg: float, schedule: CfgSchedule, num_masked_after: int, seq_len: int) -> float:
+    """Guidance scale of one step: MAR's linear ramp ``1 + (cfg-1) * (L - mask_len)/L``, or constant."""
+    if schedule == "constant":
+        return cfg
+    return 1.0 + (cfg - 1.0) * (seq_len - num_masked_after) / seq_len
+
+
+def check_sampling_args(
+    labels: Tensor, num_classes: int, seq_len: int, num_iter: int, sampler: str, cfg_schedule: str, temperature: float
+) -> None:
+    """Raise ``ValueError`` naming the option when a sampling argument is out of range."""
+    if labels.ndim != 1 or labels.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"labels must be a 1-D integer tensor, got dtype {labels.dtype} shape {tuple(labels.shape)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes - 1}] (num_classes={num_classes}), got {labels.tolist()}")
+    if not 1 <= num_iter <= seq_len:
+        raise ValueError(f"num_iter must be in [1, {seq_len}] (the number of tokens), got {num_iter}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if cfg_schedule not in ("linear", "constant"):
+        raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _conditions(mar: MaskedAutoregressiveTransformer, tokens: Tensor, mask: Tensor, labels: Tensor, guided: bool):
+    """Conditional ``[B, L, D]`` and null ``[B, L, D]`` (or ``None``) conditions in one batched pass."""
+    if not guided:
+        return mar(tokens, mask, labels), None
+    z = mar(torch.cat([tokens, tokens]), torch.cat([mask, mask]), torch.cat([labels, torch.full_like(labels, -1)]))
+    return z.chunk(2)
+
+
+@torch.no_grad()
+def sample_tokens(
+    mar: MaskedAutoregressiveTransformer,
+    head: DiffusionLoss,
+    labels: Tensor,
+    num_iter: int,
+    cfg: float = 1.0,
+    cfg_schedule: CfgSchedule = "linear",
+    temperature: float = 1.0,
+    num_sampling_steps: int = 100,
+    sampler: str = "ddpm",
+    generator: torch.Generator | None = None,
+    trace: GenerationTrace | None = None,
+    refiner: ConditionRefiner | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Generate token sequences for ``labels``.
+
+    Args:
+        mar: The transformer (in eval mode).
+        head: The diffusion head.
+        labels: ``[B]`` class labels.
+        num_iter: Number of AR steps (``1..L``).
+        cfg: Guidance scale; ``1`` disables guidance (no null branch is computed).
+        cfg_schedule: ``"linear"`` (MAR) or ``"constant"``.
+        temperature: Noise temperature of the head sampler.
+        num_sampling_steps: Denoising steps of the head per AR step.
+        sampler: ``"ddpm"``, ``"ddim"`` or ``"dpm++"``.
+        generator: RNG on ``labels``' device, for orders and all noise.
+        trace: Filled with one record per AR step when given.
+        refiner: Optional hook applied to the conditional-branch conditions of each step.
+        progress: Show a progress bar over AR steps.
+
+    Returns:
+        ``[B, L, token_dim]`` tokens.
+    """
+    b, seq_len, device = labels.shape[0], mar.seq_len, labels.device
+    check_sampling_args(labels, mar.num_classes, seq_len, num_iter, sampler, cfg_schedule, temperature)
+    tokens = torch.zeros(b, seq_len, head.token_dim, device=device)
+    mask = torch.ones(b, seq_len, dtype=torch.bool, device=device)
+    orders = random_orders(b, seq_len, generator, device)
+    if trace is not None:
+        trace.labels = trace._store(labels)
+    schedule = cosine_schedule(seq_len, num_iter)
+    for k in tqdm(range(num_iter), desc="AR steps", disable=not progress, leave=False):
+        z, z_null = _conditions(mar, tokens, mask, labels, guided=cfg != 1.0)  # (B, L, D) each
+        mask_next = mask_from_orders(orders, schedule[k])
+        to_pred = mask & ~mask_next  # (B, L)
+        n = int(to_pred[0].sum())
+        positions = to_pred.nonzero()[:, 1].view(b, n)  # (B, n)
+        z_k = z[to_pred]  # (B*n, D)
+        z_raw = z_k
+        if refiner is not None:
+            z_k = refiner(z_k, labels.repeat_interleave(n), positions.reshape(-1), k)
+        z_null_k = z_null[to_pred] if z_null is not None else None
+        cfg_k = cfg_at_step(cfg, cfg_schedule, schedule[k], seq_len)
+        sampled = head.sample(z_k, z_null_k, cfg_k, temperature, sampler, num_sampling_steps, generator)
+        tokens[to_pred] = sampled.to(tokens.dtype)
+        mask = mask_next
+        if trace is not None:
+            trace.record(
+                k, schedule[k], cfg_k,
+                positions=positions, conditions=z_k.view(b, n, -1), tokens=sampled.view(b, n, -1),
+                raw_conditions=z_raw.view(b, n, -1) if refiner is not None else None,
+                null_conditions=z_null_k.view(b, n, -1) if z_null_k is not None else None,
+            )
+    return tokens

@@ -1,0 +1,70 @@
+"""``GenerationTrace``: the one channel through which the sampler exposes per-step internals.
+
+Callbacks and notebooks pass a trace to ``generate``; the sampler appends one :class:`StepRecord` per AR step.
+Sampling without a trace records nothing and costs nothing extra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class StepRecord:
+    """What happened at one AR step (``n`` = tokens predicted per sample at this step).
+
+    Attributes:
+        step: AR step index ``k``.
+        num_masked_after: Tokens still masked after this step.
+        cfg: Guidance scale used at this step.
+        positions: ``[B, n]`` token positions predicted at this step.
+        conditions: ``[B, n, D]`` conditional-branch conditions given to the head (after refinement, if any).
+        raw_conditions: ``[B, n, D]`` conditions before refinement (``None`` without a refiner).
+        null_conditions: ``[B, n, D]`` null-class conditions (``None`` without guidance).
+        tokens: ``[B, n, token_dim]`` sampled tokens.
+    """
+
+    step: int
+    num_masked_after: int
+    cfg: float
+    positions: Tensor
+    conditions: Tensor
+    raw_conditions: Tensor | None
+    null_conditions: Tensor | None
+    tokens: Tensor
+
+
+@dataclass
+class GenerationTrace:
+    """Per-AR-step records of one ``generate`` call.
+
+    Attributes:
+        labels: ``[B]`` class labels of the batch (set by the sampler).
+        steps: One :class:`StepRecord` per AR step, in order.
+        keep_on_device: Keep recorded tensors on the sampling device (default: moved to CPU).
+    """
+
+    labels: Tensor | None = None
+    steps: list[StepRecord] = field(default_factory=list)
+    keep_on_device: bool = False
+
+    def _store(self, x: Tensor | None) -> Tensor | None:
+        if x is None:
+            return None
+        x = x.detach()
+        return x if self.keep_on_device else x.cpu()
+
+    def record(self, step: int, num_masked_after: int, cfg: float, **tensors: Tensor | None) -> None:
+        """Append the record of one step; ``tensors`` are the :class:`StepRecord` tensor fields."""
+        stored = {name: self._store(value) for name, value in tensors.items()}
+        self.steps.append(StepRecord(step=step, num_masked_after=num_masked_after, cfg=cfg, **stored))
+
+    def conditions_at(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Conditions, their labels and positions at ``step``, flattened: ``[B*n, D]``, ``[B*n]``, ``[B*n]``."""
+        rec = self.steps[step]
+        b, n = rec.positions.shape
+        labels = torch.as_tensor(self.labels, device=rec.positions.device)[:, None].expand(b, n)
+        return rec.conditions.reshape(b * n, -1), labels.reshape(-1), rec.positions.reshape(-1)
