@@ -2,12 +2,19 @@
 
 from lightning_ar.callbacks import GenerationMetrics, SampleGrid, SampleWriter
 from lightning_ar.data import DigitsSource, GMMSource, LatentDataModule, LatentSource
-from lightning_ar.modules import MARGenerator
+from lightning_ar.modules import MARGenerator, OTRefinement
 from lightning_ar.nn import DiffusionLoss, GenerationTrace, MaskedAutoregressiveTransformer, StepRecord
+from lightning_ar.nn.refine import AmortizedRefiner, ConditionBank, RefinementResult, refine_conditions, sinkhorn_flow
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmortizedRefiner",
+    "ConditionBank",
+    "OTRefinement",
+    "RefinementResult",
+    "refine_conditions",
+    "sinkhorn_flow",
     "DiffusionLoss",
     "DigitsSource",
     "GMMSource",

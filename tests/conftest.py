@@ -25,3 +25,18 @@ def tiny_generator() -> MARGenerator:
     """A tiny digits-shaped generator (1x8x8 latents, patch 2 -> 16 tokens of dim 4)."""
     torch.manual_seed(0)
     return MARGenerator(latent_shape=(1, 8, 8), num_classes=10, latent_scale=1.3, **TINY)
+
+
+def save_generator_checkpoint(path, source: str = "digits", **overrides) -> str:
+    """Write a Lightning checkpoint of an untrained tiny generator for ``source`` (``digits`` or ``gmm``)."""
+    import lightning as L
+
+    from lightning_ar import LatentDataModule
+
+    dm = LatentDataModule(source)
+    patch = 2 if source == "digits" else 1
+    model = MARGenerator(dm.latent_shape, dm.num_classes, dm.latent_scale, **{**TINY, "patch_size": patch,
+                                                                              **overrides})
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": L.__version__}, path)
+    return str(path)

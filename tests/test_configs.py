@@ -5,29 +5,36 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import save_generator_checkpoint
 
-from lightning_ar import LatentDataModule, MARGenerator
+from lightning_ar import LatentDataModule, MARGenerator, OTRefinement
 from lightning_ar.cli import build_cli
 
 REPO = Path(__file__).resolve().parents[1]
-OVERLAYS = {"debug.yaml"}
+OVERLAYS = {"debug.yaml", "debug_refine.yaml"}
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.name not in OVERLAYS)
 
 
 def test_configs_found() -> None:
-    assert {"digits/mar.yaml", "gmm/mar.yaml"} <= {str(p.relative_to(REPO / "configs")) for p in CONFIGS}
+    found = {str(p.relative_to(REPO / "configs")) for p in CONFIGS}
+    assert {"digits/mar.yaml", "gmm/mar.yaml", "digits/refine.yaml", "gmm/refine.yaml"} <= found
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
-@pytest.mark.parametrize("overlay", [None, "debug.yaml"])
-def test_config_instantiates(config: Path, overlay: str | None, tmp_path: Path) -> None:
+@pytest.mark.parametrize("debug", [False, True])
+def test_config_instantiates(config: Path, debug: bool, tmp_path: Path) -> None:
+    refine = config.name.startswith("refine")
     args = ["--config", str(config)]
-    if overlay:
-        args += ["--config", str(REPO / "configs" / overlay)]
+    if debug:
+        args += ["--config", str(REPO / "configs" / ("debug_refine.yaml" if refine else "debug.yaml"))]
+    if refine:
+        ckpt = save_generator_checkpoint(tmp_path / "gen.ckpt", config.parent.name)
+        args += ["--model.init_args.generator", ckpt]
     cli = build_cli(args + ["--trainer.default_root_dir", str(tmp_path)], run=False)
     assert isinstance(cli.datamodule, LatentDataModule)
-    assert isinstance(cli.model, MARGenerator)
+    assert isinstance(cli.model, OTRefinement if refine else MARGenerator)
+    generator = cli.model.mar_generator if refine else cli.model
     # linked from the data, never typed twice
-    assert cli.model.latent_shape == cli.datamodule.latent_shape
-    assert cli.model.hparams.num_classes == cli.datamodule.num_classes
-    assert cli.model.hparams.latent_scale == pytest.approx(cli.datamodule.latent_scale)
+    assert generator.latent_shape == cli.datamodule.latent_shape
+    assert generator.hparams.num_classes == cli.datamodule.num_classes
+    assert generator.hparams.latent_scale == pytest.approx(cli.datamodule.latent_scale)

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning_ar import GenerationMetrics, GenerationTrace, LatentDataModule, MARGenerator
 from lightning_ar.modules.optim import adamw_param_groups
 
-from .conftest import TINY
+from conftest import TINY
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -117,7 +117,8 @@ def test_param_groups_exempt_head_biases_and_norms(tiny_generator: MARGenerator)
     decay_ids = {id(p) for p in decay["params"]}
     names = {id(p): n for n, p in tiny_generator.named_parameters()}
     assert all(not names[i].startswith("head.") for i in decay_ids)
-    assert all(names[i].endswith("weight") or "embed" in names[i] for i in decay_ids)
+    # as in MAR: matrices, embeddings, the mask token and the null class are decayed
+    assert all(names[i].endswith(("weight", "pos_embed", "mask_token", "null_class_emb")) for i in decay_ids)
     assert id(tiny_generator.mar.encoder_blocks[0].attn.qkv.weight) in decay_ids
     assert id(tiny_generator.mar.encoder_blocks[0].norm1.weight) not in decay_ids
     assert no_decay["weight_decay"] == 0.0

@@ -35,7 +35,9 @@ class GenerationMetrics(Callback):
     - ``<stage>/<metric>``: every key of the evaluator's ``compute()`` (digits: ``fid``, ``cond_acc``;
       gmm: ``nll``, ``cond_acc``, ``swd``);
     - ``<stage>/<metric>_floor``: the evaluator's real-vs-real reference;
-    - ``<stage>/sec_per_image``: sampling wall time per generated image.
+    - ``<stage>/sec_per_image``: sampling wall time per generated image;
+    - ``<stage>/refine_share``: fraction of that time spent refining conditions (modules that report
+      ``last_generation_stats["refine_seconds"]``, e.g. ``OTRefinement``).
 
     At the end of ``test`` the table (one row per variant, with the floors) is written to
     ``<results_dir>/results.md`` and ``results.json`` and printed.
@@ -66,6 +68,7 @@ class GenerationMetrics(Callback):
         self._evaluators: dict[str, SampleEvaluator] = {}
         self._seconds: dict[str, float] = {}
         self._counts: dict[str, int] = {}
+        self._refine_seconds: dict[str, float] = {}
         self._active = False
         self.last_results: dict[str, dict[str, float]] = {}
 
@@ -80,15 +83,17 @@ class GenerationMetrics(Callback):
         for name, kwargs in self.variants.items():
             if not isinstance(kwargs, dict):
                 raise TypeError(f"GenerationMetrics.variants[{name!r}] must be a dict of generate() arguments")
+            if name not in self._evaluators:  # build (may train a small model) outside the evaluation loops
+                self._evaluators[name] = trainer.datamodule.make_evaluator()
+                self._evaluators[name].prepare(torch.device("cpu"))
 
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for name in self.variants:
-            if name not in self._evaluators:
-                self._evaluators[name] = trainer.datamodule.make_evaluator()
             self._evaluators[name].prepare(pl_module.device)
             self._evaluators[name].reset()
         self._seconds = dict.fromkeys(self.variants, 0.0)
         self._counts = dict.fromkeys(self.variants, 0)
+        self._refine_seconds = dict.fromkeys(self.variants, 0.0)
 
     def _generate(self, trainer: L.Trainer, pl_module: L.LightningModule, labels: torch.Tensor, batch_idx: int):
         if self.max_batches is not None and batch_idx >= self.max_batches:
@@ -101,6 +106,8 @@ class GenerationMetrics(Callback):
             latents = pl_module.generate(labels, generator=generator, **kwargs)
             _synchronize(pl_module.device)
             self._seconds[name] += time.perf_counter() - start
+            stats = getattr(pl_module, "last_generation_stats", None) or {}
+            self._refine_seconds[name] += float(stats.get("refine_seconds", 0.0))
             self._counts[name] += labels.shape[0]
             self._evaluators[name].update(latents, labels)
 
@@ -111,6 +118,8 @@ class GenerationMetrics(Callback):
             row.update(self._evaluators[name].reference())
             row["sec_per_image"] = self._seconds[name] / max(self._counts[name], 1)
             row["num_samples"] = float(self._counts[name])
+            if hasattr(pl_module, "last_generation_stats"):
+                row["refine_share"] = self._refine_seconds[name] / max(self._seconds[name], 1e-12)
             results[name] = row
             prefix = stage if list(self.variants) == [DEFAULT_VARIANT] else f"{stage}/{name}"
             for key, value in row.items():

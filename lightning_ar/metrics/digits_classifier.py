@@ -103,7 +103,8 @@ def train_digits_classifier(source: DigitsSource | None = None, epochs: int = 20
     start, threads = time.perf_counter(), torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        with torch.random.fork_rng(devices=[]):
+        # may be called inside a validation/test loop: training needs autograd whatever the caller's mode
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
             torch.manual_seed(seed)
             model = DigitsClassifier()
             _train_loop(model, x, y, epochs, torch.Generator().manual_seed(seed))

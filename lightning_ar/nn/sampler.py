@@ -24,7 +24,10 @@ class ConditionRefiner(Protocol):
     """Hook that moves the conditions of the tokens predicted at one AR step (e.g. the OT refinement)."""
 
     def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
-        """``z`` ``[N, D]``, ``labels`` ``[N]``, ``positions`` ``[N]`` -> refined ``[N, D]``."""
+        """``z`` ``[N, D]``, ``labels`` ``[N]``, ``positions`` ``[N]`` -> refined ``[N, D]``.
+
+        A hook with ``refine_null = True`` also gets ``null(z_null, positions, step)`` for the null branch.
+        """
         ...
 
 
@@ -116,6 +119,8 @@ def sample_tokens(
         if refiner is not None:
             z_k = refiner(z_k, labels.repeat_interleave(n), positions.reshape(-1), k)
         z_null_k = z_null[to_pred] if z_null is not None else None
+        if z_null_k is not None and getattr(refiner, "refine_null", False):
+            z_null_k = refiner.null(z_null_k, positions.reshape(-1), k)
         cfg_k = cfg_at_step(cfg, cfg_schedule, schedule[k], seq_len)
         sampled = head.sample(z_k, z_null_k, cfg_k, temperature, sampler, num_sampling_steps, generator)
         tokens[to_pred] = sampled.to(tokens.dtype)

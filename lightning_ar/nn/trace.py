@@ -25,6 +25,9 @@ class StepRecord:
         raw_conditions: ``[B, n, D]`` conditions before refinement (``None`` without a refiner).
         null_conditions: ``[B, n, D]`` null-class conditions (``None`` without guidance).
         tokens: ``[B, n, token_dim]`` sampled tokens.
+        flow_trace: ``[K+1]`` Sinkhorn divergence to the flow's target along the inner flow (flow refinement only).
+        divergence_before: Sinkhorn divergence of the produced conditions to held-out ideal ones (when measured).
+        divergence_after: The same after refinement (equal to ``divergence_before`` without refinement).
     """
 
     step: int
@@ -35,6 +38,9 @@ class StepRecord:
     raw_conditions: Tensor | None
     null_conditions: Tensor | None
     tokens: Tensor
+    flow_trace: Tensor | None = None
+    divergence_before: float | None = None
+    divergence_after: float | None = None
 
 
 @dataclass

@@ -1,0 +1,286 @@
+"""``OTRefinement``: move a frozen MAR generator's per-step conditions toward ideal ones (SPEC section 2.3).
+
+This is this project's concrete reading of the condition refinement of Zhou, Li and Shen (ICLR 2026): the paper's
+Algorithm 1 is not public. ``fit`` first estimates the ideal conditions by teacher forcing on real data (a
+:class:`ConditionBank` per AR step from the training split, and a held-out bank from the validation split used only
+for measuring), then (optional) trains an :class:`AmortizedRefiner` with the same objective on conditions produced by
+the generator's own sampling. ``test``/``predict`` generate with refinement mode ``none``, ``flow`` or ``amortized``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import Tensor
+
+from lightning_ar.modules.generator import MARGenerator
+from lightning_ar.nn.mar import patchify
+from lightning_ar.nn.masking import cosine_schedule
+from lightning_ar.nn.refine import AmortizedRefiner, ConditionBank
+from lightning_ar.nn.refiners import AmortizedHook, FlowRefiner, FlowSettings, labelled_divergence
+from lightning_ar.nn.teacher_forcing import teacher_forced_conditions
+from lightning_ar.nn.trace import GenerationTrace
+
+MODES = ("none", "flow", "amortized")
+
+
+@contextmanager
+def _own_hyperparameters() -> Iterator[None]:
+    """Build a nested LightningModule with its own hparams: LightningCLI injects the *outer* module's init args
+    into every ``save_hyperparameters`` call made while it instantiates (a context variable), nested ones too."""
+    token = _given_hyperparameters.set(None)
+    try:
+        yield
+    finally:
+        _given_hyperparameters.reset(token)
+
+
+def load_generator(generator: str | MARGenerator | None, generator_hparams: dict | None) -> MARGenerator:
+    """The frozen generator: a module, a checkpoint path, or (when reloading a refinement) its saved hparams."""
+    with _own_hyperparameters():
+        return _load_generator(generator, generator_hparams)
+
+
+def _load_generator(generator: str | MARGenerator | None, generator_hparams: dict | None) -> MARGenerator:
+    if isinstance(generator, MARGenerator):
+        return generator
+    if generator is not None and Path(generator).is_file():
+        return MARGenerator.load_from_checkpoint(generator, map_location="cpu")
+    if generator_hparams is not None:  # weights come from the refinement checkpoint's state dict
+        return MARGenerator(**generator_hparams)
+    if generator is None:
+        raise ValueError("model.generator must be the path of a MARGenerator checkpoint (or a MARGenerator)")
+    raise FileNotFoundError(f"model.generator: checkpoint {generator} does not exist")
+
+
+class OTRefinement(L.LightningModule):
+    """Condition refinement of a frozen :class:`MARGenerator` by a Sinkhorn Wasserstein gradient flow.
+
+    Args:
+        generator: Path of a ``MARGenerator`` checkpoint, or the module itself (frozen, saved with this module).
+        latent_shape: Linked from the data; must match the generator's.
+        num_classes: Linked from the data; must match the generator's.
+        latent_scale: Linked from the data; must match the generator's.
+        bank_capacity: Ideal conditions kept per AR step (reservoir over the training split).
+        heldout_capacity: Held-out ideal conditions per AR step (validation split; used only to measure).
+        bank_epochs: Leading ``fit`` epochs spent filling the banks (the rest train the amortised refiner).
+        teacher_passes: Random orders per real batch and epoch in teacher forcing.
+        null_bank: Also build a bank of null-class conditions and refine the CFG null branch.
+        flow_steps: Flow steps ``K`` per AR step.
+        flow_eta: Flow step size.
+        flow_blur: Sinkhorn blur, in condition units.
+        flow_scaling: geomloss epsilon-scaling factor.
+        flow_lam: Proximity weight ``lambda``.
+        label_weight: Weight of the class/position one-hots appended to both clouds.
+        target_size: Bank samples per AR step used as the flow's target.
+        refiner_hidden: Hidden width of the amortised refiner.
+        refiner_depth: Hidden layers of the amortised refiner.
+        refiner_sampling_steps: Head denoising steps of the generations that train the amortised refiner.
+        mode: Default refinement mode of ``generate``/``predict``: ``none``, ``flow`` or ``amortized``.
+        seed: Seed of teacher forcing and of the flow's target subsampling.
+        optimizer: Optimizer factory for the amortised refiner (default AdamW, lr 1e-3).
+        generator_hparams: Set automatically (the generator's hyper-parameters, to rebuild it from a checkpoint).
+    """
+
+    def __init__(
+        self,
+        generator: str | MARGenerator | None = None,
+        latent_shape: tuple[int, int, int] | None = None,
+        num_classes: int | None = None,
+        latent_scale: float | None = None,
+        bank_capacity: int = 4096,
+        heldout_capacity: int = 2048,
+        bank_epochs: int = 1,
+        teacher_passes: int = 4,
+        null_bank: bool = False,
+        flow_steps: int = 10,
+        flow_eta: float = 1.0,
+        flow_blur: float = 0.5,
+        flow_scaling: float = 0.9,
+        flow_lam: float = 0.0,
+        label_weight: float = 100.0,
+        target_size: int = 1024,
+        refiner_hidden: int = 256,
+        refiner_depth: int = 2,
+        refiner_sampling_steps: int = 20,
+        mode: str = "flow",
+        seed: int = 0,
+        optimizer: OptimizerCallable | None = None,
+        generator_hparams: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["generator", "optimizer"])
+        gen = load_generator(generator, generator_hparams).requires_grad_(False).eval()
+        self.hparams["generator_hparams"] = dict(gen.hparams)
+        self.mar_generator = gen
+        self._check_data_link(latent_shape, num_classes, latent_scale)
+        if mode not in MODES:
+            raise ValueError(f"model.mode must be one of {MODES}, got {mode!r}")
+        if bank_epochs < 1 or teacher_passes < 1:
+            raise ValueError("model.bank_epochs and model.teacher_passes must be >= 1")
+        self.flow = FlowSettings(flow_steps, flow_eta, flow_blur, flow_scaling, flow_lam, label_weight, target_size)
+        num_iter, width = gen.hparams.num_iter, gen.mar.width
+        self.schedule = cosine_schedule(gen.seq_len, num_iter)
+        self.bank = ConditionBank(num_iter, bank_capacity, width)
+        self.heldout = ConditionBank(num_iter, heldout_capacity, width)
+        self.null = ConditionBank(num_iter, bank_capacity, width) if null_bank else None
+        self.refiner = AmortizedRefiner(width, num_iter, gen.hparams.num_classes, refiner_hidden, refiner_depth)
+        self.optimizer_factory = optimizer
+        self.last_generation_stats: dict[str, float] = {}
+
+    def _check_data_link(self, latent_shape, num_classes, latent_scale) -> None:
+        gen = self.mar_generator
+        if latent_shape is not None and tuple(latent_shape) != gen.latent_shape:
+            raise ValueError(f"data latent_shape {tuple(latent_shape)} differs from the generator's {gen.latent_shape}")
+        if num_classes is not None and num_classes != gen.hparams.num_classes:
+            raise ValueError(f"data num_classes {num_classes} differs from the generator's {gen.hparams.num_classes}")
+        if latent_scale is not None and abs(latent_scale / gen.hparams.latent_scale - 1) > 1e-4:
+            raise ValueError(f"data latent_scale {latent_scale} differs from the generator's {gen.hparams.latent_scale}")
+
+    def train(self, mode: bool = True) -> OTRefinement:
+        """Set the mode of the trainable parts; the generator stays frozen in eval mode."""
+        super().train(mode)
+        self.mar_generator.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------------- bank phase
+    def _rng(self, batch_idx: int, stream: int) -> torch.Generator:
+        seed = ((self.hparams.seed * 1009 + self.current_epoch) * 100_003 + batch_idx) * 4 + stream
+        return torch.Generator(self.device).manual_seed(seed * max(self.trainer.world_size, 1) + self.global_rank)
+
+    @torch.no_grad()
+    def fill_bank(self, bank: ConditionBank, latents: Tensor, labels: Tensor, generator: torch.Generator) -> None:
+        """Teacher-force a batch of real latents ``[B, C, H, W]`` at every AR step into ``bank``."""
+        tokens = patchify(latents, self.mar_generator.hparams.patch_size)  # (B, L, Dt)
+        for _ in range(self.hparams.teacher_passes):
+            for k in range(len(self.schedule)):
+                sc = teacher_forced_conditions(self.mar_generator.mar, tokens, labels, self.schedule, k, generator)
+                bank.add(k, sc.conditions, sc.labels, sc.positions, generator)
+                if self.null is not None and bank is self.bank:
+                    null = teacher_forced_conditions(
+                        self.mar_generator.mar, tokens, torch.full_like(labels, -1), self.schedule, k, generator
+                    )
+                    self.null.add(k, null.conditions, torch.zeros_like(null.labels), null.positions, generator)
+
+    def _bank_phase(self) -> bool:
+        return self.current_epoch < self.hparams.bank_epochs
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        if self._bank_phase():
+            self.fill_bank(self.bank, *batch, self._rng(batch_idx, 0))
+            return None
+        loss = self.refiner_loss(batch[1], self._rng(batch_idx, 1))
+        self.log("refine/amortized_loss", loss, prog_bar=True, batch_size=batch[1].shape[0])
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        if self._bank_phase() and not self.trainer.sanity_checking:
+            self.fill_bank(self.heldout, *batch, self._rng(batch_idx, 2))
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Nothing to compute on real test data: the ``GenerationMetrics`` callback generates for its labels."""
+
+    # ----------------------------------------------------------------------------------------- amortized
+    def refiner_loss(self, labels: Tensor, generator: torch.Generator) -> Tensor:
+        """Flow objective summed over AR steps, for the refiner applied to the generator's own conditions."""
+        trace = GenerationTrace(keep_on_device=True)
+        self.mar_generator.generate(
+            labels, num_sampling_steps=self.hparams.refiner_sampling_steps, trace=trace, generator=generator
+        )
+        loss = labels.new_zeros((), dtype=torch.float32)
+        for k in range(len(trace.steps)):
+            z0, lab, pos = trace.conditions_at(k)
+            z = self.refiner(z0, lab, k)
+            target = self.bank.sample(k, self.flow.target_size, generator)
+            div = labelled_divergence(z, lab, pos, *target, self._num_classes, self.mar_generator.seq_len,
+                                      self.flow)
+            loss = loss + div + 0.5 * self.flow.lam * ((z - z0) ** 2).sum(-1).mean()
+        return loss
+
+    @property
+    def _num_classes(self) -> int:
+        return int(self.mar_generator.hparams.num_classes)
+
+    def configure_optimizers(self) -> Any:
+        params = self.refiner.parameters()
+        if self.optimizer_factory is not None:
+            return self.optimizer_factory(params)
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+
+    # ------------------------------------------------------------------------------------------ sampling
+    def _hook(self, mode: str) -> FlowRefiner | AmortizedHook | None:
+        if mode not in MODES:
+            raise ValueError(f"refine must be one of {MODES}, got {mode!r}")
+        if mode == "none":
+            return None
+        if mode == "amortized":
+            return AmortizedHook(self.refiner)
+        return FlowRefiner(self.bank, self.flow, self._num_classes, self.mar_generator.seq_len,
+                           self.hparams.seed, self.null)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: Tensor,
+        refine: str | None = None,
+        generator: torch.Generator | None = None,
+        trace: GenerationTrace | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        """Generate latents ``[B, C, H, W]`` for ``labels`` ``[B]`` with refinement mode ``refine``.
+
+        Other keyword arguments go to :meth:`MARGenerator.generate` (``cfg``, ``sampler``, ...). With a ``trace``,
+        each step also records the inner-flow trace and the Sinkhorn divergence of the produced conditions to the
+        held-out ideal conditions before and after refinement.
+        """
+        num_iter = kwargs.get("num_iter") or self.mar_generator.hparams.num_iter
+        if num_iter != len(self.schedule):
+            raise ValueError(f"num_iter={num_iter} but the condition bank was built for num_iter={len(self.schedule)}")
+        hook = self._hook(refine or self.hparams.mode)
+        latents = self.mar_generator.generate(labels, generator=generator, trace=trace, refiner=hook, **kwargs)
+        self.last_generation_stats = {"refine_seconds": hook.stats.seconds if hook is not None else 0.0}
+        if trace is not None:
+            self.annotate(trace, hook)
+        return latents
+
+    def annotate(self, trace: GenerationTrace, hook: FlowRefiner | AmortizedHook | None) -> None:
+        """Fill the divergence fields of ``trace`` against the held-out bank (and the inner-flow traces)."""
+        seq_len, classes = self.mar_generator.seq_len, self._num_classes
+        for k, rec in enumerate(trace.steps):
+            heldout = [t.to(self.device) for t in self.heldout.get(k)]
+            labels = torch.as_tensor(trace.labels, device=self.device).repeat_interleave(rec.positions.shape[1])
+            positions = rec.positions.reshape(-1).to(self.device)
+            after = rec.conditions.reshape(labels.shape[0], -1).to(self.device)
+            raw = rec.raw_conditions.reshape(labels.shape[0], -1).to(self.device) if rec.raw_conditions is not None \
+                else after
+            rec.divergence_after = float(labelled_divergence(after, labels, positions, *heldout, classes, seq_len,
+                                                             self.flow))
+            rec.divergence_before = rec.divergence_after if raw is after else float(
+                labelled_divergence(raw, labels, positions, *heldout, classes, seq_len, self.flow))
+            if isinstance(hook, FlowRefiner):
+                rec.flow_trace = hook.stats.flow_traces.get(k)
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        labels, indices = batch
+        generator = torch.Generator(self.device).manual_seed(int(indices[0]))
+        return {"latents": self.generate(labels, generator=generator), "labels": labels, "indices": indices}
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with a clear message, a bank built for another generator (other width or step count)."""
+        state = checkpoint.get("state_dict", {})
+        for name, bank in (("bank", self.bank), ("heldout", self.heldout)):
+            saved = state.get(f"{name}.conditions")
+            if saved is not None and tuple(saved.shape) != tuple(bank.conditions.shape):
+                raise ValueError(
+                    f"the checkpoint's {name} holds [num_iter={saved.shape[0]}, M={saved.shape[1]}, D={saved.shape[2]}]"
+                    f" but this generator needs num_iter={bank.conditions.shape[0]}, D={bank.conditions.shape[2]}"
+                    f" (and model.{name}_capacity={bank.conditions.shape[1]}): it was built for another generator"
+                )

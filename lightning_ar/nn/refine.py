@@ -1,0 +1,414 @@
+"""Optimal-transport refinement of AR conditions: Sinkhorn gradient flow, condition bank, amortised refiner.
+
+This is this project's concrete reading of the condition refinement of Zhou, Li and Shen (ICLR 2026), as fixed
+in SPEC section 2.3: at AR step ``k`` the conditions ``C0`` of the tokens being predicted are moved by explicit
+steps of the Wasserstein gradient flow of ``F(C) = S_eps(C, Y_k) + lam/2 * mean ||C - C0||^2``, where ``S_eps``
+is the debiased Sinkhorn divergence and ``Y_k`` are ideal (teacher-forced) conditions of that step, kept in a
+:class:`ConditionBank`. Transport never crosses classes or token positions: the target's mass is matched per
+``(class, position)`` group and scaled one-hot features are appended to both clouds (labelled OT).
+:class:`AmortizedRefiner` is the cheap learned alternative (one MLP pass per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from geomloss import SamplesLoss
+from torch import Tensor, nn
+
+
+@dataclass
+class RefinementResult:
+    """Output of a refinement flow.
+
+    Attributes:
+        conditions: ``[N, D]`` refined conditions (input dtype).
+        trace: ``[K+1]`` Sinkhorn divergence before each of the ``K`` steps and after the last.
+        unmoved: Points left unchanged because their ``(class, position)`` group has no target mass.
+    """
+
+    conditions: Tensor
+    trace: Tensor
+    unmoved: int = 0
+
+
+def _check_clouds(x: Tensor, y: Tensor) -> None:
+    """Raise ``ValueError`` unless ``x`` ``[N, D]`` and ``y`` ``[M, D]`` are 2-D, finite and of equal ``D``."""
+    if x.ndim != 2 or y.ndim != 2:
+        raise ValueError(f"conditions and target must be [N, D] and [M, D], got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"conditions have dimension {x.shape[1]} but the target has dimension {y.shape[1]}")
+    for name, t in (("conditions", x), ("target", y)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} must be finite (found NaN or inf)")
+
+
+def sinkhorn_divergence(
+    x: Tensor, y: Tensor, blur: float = 0.05, scaling: float = 0.9, a: Tensor | None = None, b: Tensor | None = None
+) -> Tensor:
+    """Debiased Sinkhorn divergence ``S_eps(x, y)`` with cost ``|x - y|^2 / 2`` (geomloss, tensorized backend).
+
+    Args:
+        x: ``[N, D]`` source points.
+        y: ``[M, D]`` target points.
+        blur: Entropic blur ``sqrt(eps)``, in the units of the points; must be > 0.
+        scaling: Epsilon-scaling ratio of geomloss, in ``(0, 1)``.
+        a: ``[N]`` source weights summing to 1 (uniform when ``None``).
+        b: ``[M]`` target weights summing to 1 (uniform when ``None``).
+
+    Returns:
+        Scalar divergence, differentiable with respect to ``x`` and ``y``.
+    """
+    if not blur > 0:
+        raise ValueError(f"blur must be > 0, got {blur}")
+    if not 0 < scaling < 1:
+        raise ValueError(f"scaling must be in (0, 1), got {scaling}")
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"conditions have dimension {x.shape[-1]} but the target has dimension {y.shape[-1]}")
+    loss = SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=True, backend="tensorized")
+    if a is None and b is None:
+        return loss(x, y)
+    a = torch.full_like(x[:, 0], 1.0 / len(x)) if a is None else a.to(x)
+    b = torch.full_like(y[:, 0], 1.0 / len(y)) if b is None else b.to(y)
+    return loss(a, x, b, y)
+
+
+def labelled(z: Tensor, labels: Tensor, positions: Tensor, num_classes: int, seq_len: int, weight: float) -> Tensor:
+    """Append ``weight``-scaled one-hot class and position features (labelled OT).
+
+    Moving mass across a class (or position) costs ``weight**2`` more, so a large ``weight`` stops it.
+
+    Args:
+        z: ``[N, D]`` points.
+        labels: ``[N]`` class labels in ``[0, num_classes)``.
+        positions: ``[N]`` token positions in ``[0, seq_len)``.
+        num_classes: Number of classes.
+        seq_len: Number of token positions.
+        weight: Scale of the one-hot features.
+
+    Returns:
+        ``[N, D + num_classes + seq_len]`` points.
+    """
+    onehot_y = F.one_hot(labels.long(), num_classes).to(z)  # (N, num_classes)
+    onehot_p = F.one_hot(positions.long(), seq_len).to(z)  # (N, seq_len)
+    return torch.cat([z, weight * onehot_y, weight * onehot_p], dim=1)
+
+
+def group_matched_weights(src_groups: Tensor, tgt_groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Source and target weights with equal mass per group.
+
+    Args:
+        src_groups: ``[N]`` integer group ids of the source points (e.g. ``label * seq_len + position``).
+        tgt_groups: ``[M]`` integer group ids of the target points.
+
+    Returns:
+        ``a`` ``[N]`` uniform over the kept source points (0 elsewhere), ``b`` ``[M]`` giving each target group the
+        source's mass in that group, uniform within the group (0 for groups absent from the source), and
+        ``keep_src`` ``[N]`` bool, False for source points whose group has no target point. ``a`` and ``b`` sum to
+        1, or are all zero when no source point is kept.
+    """
+    keep_src = torch.isin(src_groups, tgt_groups)  # (N,)
+    groups, inverse = torch.unique(torch.cat([src_groups, tgt_groups]), return_inverse=True)
+    src_idx, tgt_idx = inverse[: len(src_groups)], inverse[len(src_groups) :]
+    a = keep_src.float() / keep_src.sum().clamp_min(1)  # (N,)
+    src_mass = torch.zeros(len(groups), device=a.device).index_add_(0, src_idx, a)  # (G,)
+    tgt_count = torch.bincount(tgt_idx, minlength=len(groups)).float()  # (G,)
+    b = (src_mass / tgt_count.clamp_min(1))[tgt_idx]  # (M,)
+    return a, b, keep_src
+
+
+def _check_flow_args(steps: int, eta: float, lam: float, a: Tensor | None, n: int) -> None:
+    """Raise ``ValueError`` naming the option when a flow argument is out of range."""
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if not eta > 0:
+        raise ValueError(f"eta must be > 0, got {eta}")
+    if not lam >= 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    if a is not None and (a.shape != (n,) or not bool((a > 0).all())):
+        raise ValueError(f"a must be [N={n}] with positive entries (drop zero-weight points first)")
+
+
+def _extend(c: Tensor, extra: Tensor | None) -> Tensor:
+    """``[N, D]`` -> ``[N, D + E]`` with the fixed feature columns ``extra`` ``[N, E]`` appended."""
+    return c if extra is None else torch.cat([c, extra], dim=1)
+
+
+def _value_and_grad(
+    c: Tensor, y: Tensor, extra: Tensor | None, blur: float, scaling: float, a: Tensor | None, b: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Divergence at ``c`` ``[N, D]`` (as a detached scalar) and its gradient ``[N, D]`` with respect to ``c``."""
+    c = c.detach().requires_grad_(True)
+    value = sinkhorn_divergence(_extend(c, extra), y, blur, scaling, a, b)
+    (grad,) = torch.autograd.grad(value, c)
+    return value.detach(), grad
+
+
+def sinkhorn_flow(
+    c0: Tensor,
+    target: Tensor,
+    steps: int = 10,
+    eta: float = 1.0,
+    blur: float = 0.05,
+    scaling: float = 0.9,
+    lam: float = 0.0,
+    a: Tensor | None = None,
+    b: Tensor | None = None,
+    extra_src: Tensor | None = None,
+    extra_tgt: Tensor | None = None,
+) -> RefinementResult:
+    """Explicit Wasserstein gradient flow of ``S_eps(C, Y) + lam/2 * mean ||C - C0||^2`` (SPEC 2.3).
+
+    Each step is ``C <- C - eta * (G + lam * (C - C0))`` with ``G = grad_C S / a`` (``N * grad`` for uniform
+    weights), the Wasserstein gradient at each particle. Runs in float32 with autograd enabled, also when called
+    under ``torch.no_grad()``.
+
+    Args:
+        c0: ``[N, D]`` initial conditions.
+        target: ``[M, D]`` target samples ``Y``.
+        steps: Number of flow steps ``K``.
+        eta: Step size (1 moves each point onto its entropic transport target when ``lam = 0``).
+        blur: Entropic blur of the divergence (> 0).
+        scaling: Epsilon-scaling ratio of geomloss.
+        lam: Strength of the proximity term pulling ``C`` back to ``C0``.
+        a: ``[N]`` positive source weights summing to 1 (uniform when ``None``).
+        b: ``[M]`` target weights summing to 1 (uniform when ``None``).
+        extra_src: ``[N, E]`` fixed feature columns appended to ``C`` for the divergence, never moved.
+        extra_tgt: ``[M, E]`` fixed feature columns appended to ``Y``.
+
+    Returns:
+        :class:`RefinementResult` with ``[N, D]`` conditions and the ``[K+1]`` divergence trace.
+    """
+    _check_clouds(c0, target)
+    _check_flow_args(steps, eta, lam, a, len(c0))
+    if (extra_src is None) != (extra_tgt is None):
+        raise ValueError("extra_src and extra_tgt must be given together")
+    # autograd is needed even under no_grad/inference_mode (e.g. inside Lightning's test loop): clone the inputs
+    # out of inference mode so that they can be saved for backward
+    with torch.inference_mode(False), torch.enable_grad():
+        init = c0.detach().float().clone()  # (N, D)
+        y = _extend(target.detach().float().clone(), None if extra_tgt is None else extra_tgt.float().clone())
+        extra = None if extra_src is None else extra_src.detach().float().clone()  # (N, E)
+        a = None if a is None else a.float().clone()
+        b = None if b is None else b.float().clone()
+        inv_a = len(c0) if a is None else 1.0 / a[:, None]  # scalar or (N, 1)
+        c, trace = init, []
+        for _ in range(steps):
+            value, grad = _value_and_grad(c, y, extra, blur, scaling, a, b)
+            trace.append(value)
+            c = c - eta * (grad * inv_a + lam * (c - init))  # (N, D)
+        trace.append(_value_and_grad(c, y, extra, blur, scaling, a, b)[0])
+    if not torch.isfinite(c).all():
+        raise ValueError(f"the flow diverged (non-finite conditions); reduce eta={eta} or lam={lam}")
+    return RefinementResult(conditions=c.to(c0.dtype), trace=torch.stack(trace))
+
+
+def refine_conditions(
+    z: Tensor,
+    labels: Tensor,
+    positions: Tensor,
+    target: Tensor,
+    target_labels: Tensor,
+    target_positions: Tensor,
+    num_classes: int,
+    seq_len: int,
+    steps: int = 10,
+    eta: float = 1.0,
+    blur: float = 0.05,
+    scaling: float = 0.9,
+    lam: float = 0.0,
+    label_weight: float | None = None,
+) -> RefinementResult:
+    """Class- and position-aware Sinkhorn flow of ``z`` toward ``target``.
+
+    Target mass is matched per ``(class, position)`` group to the source's (:func:`group_matched_weights`) and
+    ``label_weight``-scaled one-hot features are appended to both clouds as fixed columns. Points whose group has
+    no target point are returned unchanged and counted in ``unmoved``.
+
+    Args:
+        z: ``[N, D]`` produced conditions.
+        labels: ``[N]`` their class labels.
+        positions: ``[N]`` their token positions.
+        target: ``[M, D]`` ideal conditions.
+        target_labels: ``[M]`` their class labels.
+        target_positions: ``[M]`` their token positions.
+        num_classes: Number of classes.
+        seq_len: Number of token positions.
+        steps: Number of flow steps.
+        eta: Step size.
+        blur: Entropic blur (> 0).
+        scaling: Epsilon-scaling ratio of geomloss.
+        lam: Strength of the proximity term.
+        label_weight: Scale of the one-hot features; ``None`` picks the diameter of both clouds (at least
+            ``10 * blur``), which makes crossing a group costlier than any move within one.
+
+    Returns:
+        :class:`RefinementResult`; the trace is all zeros when no point has target mass.
+    """
+    _check_clouds(z, target)
+    if label_weight is not None and not label_weight >= 0:
+        raise ValueError(f"label_weight must be >= 0, got {label_weight}")
+    a, b, keep = group_matched_weights(labels * seq_len + positions, target_labels * seq_len + target_positions)
+    out, unmoved = z.clone(), int((~keep).sum())
+    if unmoved == len(z):
+        return RefinementResult(conditions=out, trace=z.new_zeros(steps + 1, dtype=torch.float32), unmoved=unmoved)
+    used = b > 0  # (M,) target points of groups present in the source
+    weight = max(_diameter(z[keep], target[used]), 10 * blur) if label_weight is None else label_weight
+    src = labelled(z[keep].float(), labels[keep], positions[keep], num_classes, seq_len, weight)  # (n, D + C + L)
+    tgt = labelled(target[used].float(), target_labels[used], target_positions[used], num_classes, seq_len, weight)
+    d = z.shape[1]
+    result = sinkhorn_flow(
+        z[keep], target[used], steps, eta, blur, scaling, lam, a[keep], b[used], src[:, d:], tgt[:, d:]
+    )
+    out[keep] = result.conditions
+    return RefinementResult(conditions=out, trace=result.trace, unmoved=unmoved)
+
+
+def _diameter(x: Tensor, y: Tensor) -> float:
+    """Diagonal of the bounding box of ``x`` ``[N, D]`` and ``y`` ``[M, D]`` together."""
+    both = torch.cat([x, y]).float()  # (N + M, D)
+    return float((both.amax(0) - both.amin(0)).norm())
+
+
+class ConditionBank(nn.Module):
+    """Ideal conditions per bucket (AR step), filled by reservoir sampling; saved with the holder's state_dict.
+
+    Buffers: ``conditions`` ``[num_buckets, capacity, D]`` float32, ``labels`` and ``positions``
+    ``[num_buckets, capacity]`` long, ``count`` ``[num_buckets]`` (filled slots) and ``seen`` ``[num_buckets]``
+    (items offered so far).
+    """
+
+    def __init__(self, num_buckets: int, capacity: int, dim: int) -> None:
+        """Create an empty bank.
+
+        Args:
+            num_buckets: Number of buckets (one per AR step).
+            capacity: Conditions kept per bucket.
+            dim: Condition dimension ``D``.
+        """
+        super().__init__()
+        for name, value in (("num_buckets", num_buckets), ("capacity", capacity), ("dim", dim)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.register_buffer("conditions", torch.zeros(num_buckets, capacity, dim))
+        self.register_buffer("labels", torch.zeros(num_buckets, capacity, dtype=torch.long))
+        self.register_buffer("positions", torch.zeros(num_buckets, capacity, dtype=torch.long))
+        self.register_buffer("count", torch.zeros(num_buckets, dtype=torch.long))
+        self.register_buffer("seen", torch.zeros(num_buckets, dtype=torch.long))
+
+    @property
+    def num_buckets(self) -> int:
+        """Number of buckets (AR steps)."""
+        return self.conditions.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """Conditions kept per bucket."""
+        return self.conditions.shape[1]
+
+    @property
+    def dim(self) -> int:
+        """Condition dimension ``D``."""
+        return self.conditions.shape[2]
+
+    def _check_bucket(self, bucket: int) -> None:
+        if not 0 <= bucket < self.num_buckets:
+            raise ValueError(f"bucket must be in [0, {self.num_buckets - 1}], got {bucket}")
+
+    def _slots(self, bucket: int, n: int, generator: torch.Generator | None) -> Tensor:
+        """Algorithm R slot of each of ``n`` offered items (``-1``: not kept), ``[n]``."""
+        t = int(self.seen[bucket]) + torch.arange(n, dtype=torch.float64)  # (n,) 0-based offer index
+        device = generator.device if generator is not None else "cpu"
+        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64).cpu()  # (n,)
+        slots = torch.where(t < self.capacity, t, torch.floor(u * (t + 1))).long()  # (n,)
+        return torch.where(slots < self.capacity, slots, -1).to(self.count.device)
+
+    def add(
+        self, bucket: int, z: Tensor, labels: Tensor, positions: Tensor, generator: torch.Generator | None = None
+    ) -> None:
+        """Offer ``z`` ``[n, D]`` with ``labels`` ``[n]`` and ``positions`` ``[n]`` to ``bucket`` (reservoir sampling).
+
+        Every item offered to a bucket ends up in it with equal probability ``min(1, capacity / seen)``.
+        """
+        self._check_bucket(bucket)
+        self.check_compatible(z.shape[-1], self.num_buckets)
+        slots = self._slots(bucket, len(z), generator)  # (n,)
+        items = torch.arange(len(z), device=slots.device)[slots >= 0]
+        winner = torch.full((self.capacity,), -1, dtype=torch.long, device=slots.device)
+        winner.scatter_reduce_(0, slots[slots >= 0], items, reduce="amax")  # last offer wins, as in sequence
+        filled = (winner >= 0).nonzero().squeeze(1)  # (f,)
+        src = winner[filled].to(z.device)
+        self.conditions[bucket, filled] = z.detach()[src].to(self.conditions)
+        self.labels[bucket, filled] = labels[src].to(self.labels)
+        self.positions[bucket, filled] = positions[src].to(self.positions)
+        self.seen[bucket] += len(z)
+        self.count[bucket] = torch.clamp(self.seen[bucket], max=self.capacity)
+
+    def get(self, bucket: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Copy of the filled part of ``bucket``: conditions ``[c, D]``, labels ``[c]``, positions ``[c]``."""
+        self._check_bucket(bucket)
+        c = int(self.count[bucket])
+        if c == 0:
+            raise ValueError(f"ConditionBank bucket {bucket} is empty; fill it (OTRefinement.fit) before refining")
+        return self.conditions[bucket, :c].clone(), self.labels[bucket, :c].clone(), self.positions[bucket, :c].clone()
+
+    def sample(self, bucket: int, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Random subset of ``min(n, count)`` entries of ``bucket``, without replacement."""
+        z, labels, positions = self.get(bucket)
+        if n >= len(z):
+            return z, labels, positions
+        device = generator.device if generator is not None else "cpu"
+        idx = torch.randperm(len(z), generator=generator, device=device)[:n].to(z.device)  # (n,)
+        return z[idx], labels[idx], positions[idx]
+
+    def check_compatible(self, dim: int, num_buckets: int) -> None:
+        """Raise ``ValueError`` unless the bank matches a generator's condition ``dim`` and AR step count."""
+        if dim != self.dim:
+            raise ValueError(f"bank has dimension {self.dim} but the generator's conditions have {dim}")
+        if num_buckets != self.num_buckets:
+            raise ValueError(f"bank has {self.num_buckets} buckets but the generator has {num_buckets} AR steps")
+
+
+class AmortizedRefiner(nn.Module):
+    """Learned residual refiner ``R(c, k, y) = c + MLP([LayerNorm(c), step_emb(k), class_emb(y)])``.
+
+    The output layer is zero-initialised, so a fresh refiner is exactly the identity.
+    """
+
+    def __init__(self, dim: int, num_steps: int, num_classes: int, hidden: int = 256, depth: int = 2) -> None:
+        """Build the refiner.
+
+        Args:
+            dim: Condition dimension ``D``.
+            num_steps: Number of AR steps (size of the step embedding table).
+            num_classes: Number of classes (size of the class embedding table).
+            hidden: Width of the MLP and of the embeddings.
+            depth: Number of hidden layers of the MLP (>= 1).
+        """
+        super().__init__()
+        for name, value in (("dim", dim), ("num_steps", num_steps), ("num_classes", num_classes),
+                            ("hidden", hidden), ("depth", depth)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.num_steps = num_steps
+        self.norm = nn.LayerNorm(dim)
+        self.step_emb = nn.Embedding(num_steps, hidden)
+        self.class_emb = nn.Embedding(num_classes, hidden)
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Linear(dim + 2 * hidden if i == 0 else hidden, hidden), nn.SiLU()]
+        self.mlp = nn.Sequential(*layers)
+        self.out = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, z: Tensor, labels: Tensor, step: int | Tensor) -> Tensor:
+        """Refine ``z`` ``[N, D]`` of classes ``labels`` ``[N]`` at AR ``step`` (int or ``[N]``) -> ``[N, D]``."""
+        if isinstance(step, int):
+            if not 0 <= step < self.num_steps:
+                raise ValueError(f"step must be in [0, {self.num_steps - 1}], got {step}")
+            step = torch.full_like(labels, step)
+        h = torch.cat([self.norm(z), self.step_emb(step.long()), self.class_emb(labels.long())], dim=1)  # (N, D+2H)
+        return z + self.out(self.mlp(h))  # (N, D)

@@ -1,0 +1,165 @@
+"""Sampler hooks that refine the conditions of each AR step: the Sinkhorn flow and the amortised refiner.
+
+Both follow :class:`~lightning_ar.nn.sampler.ConditionRefiner` and keep per-step statistics (inner-flow traces,
+seconds spent) that the caller copies into a :class:`~lightning_ar.nn.trace.GenerationTrace`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_ar.nn.refine import (
+    AmortizedRefiner,
+    ConditionBank,
+    group_matched_weights,
+    labelled,
+    refine_conditions,
+    sinkhorn_divergence,
+)
+
+
+@dataclass
+class FlowSettings:
+    """Options of the Sinkhorn gradient flow (SPEC 2.3).
+
+    Attributes:
+        steps: Flow steps ``K`` per AR step.
+        eta: Step size.
+        blur: Sinkhorn blur (entropic scale, in condition units).
+        scaling: epsilon-scaling factor of geomloss.
+        lam: Proximity weight ``lambda`` to the produced conditions.
+        label_weight: Weight of the appended class/position one-hots (large: no transport across groups);
+            ``None`` uses the diameter of the two clouds.
+        target_size: Bank samples used as the target per AR step (caps the cost).
+    """
+
+    steps: int = 10
+    eta: float = 1.0
+    blur: float = 0.5
+    scaling: float = 0.9
+    lam: float = 0.0
+    label_weight: float | None = None
+    target_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"flow steps must be >= 0, got {self.steps}")
+        if not self.blur > 0:
+            raise ValueError(f"flow blur must be > 0, got {self.blur}")
+        if not self.eta > 0:
+            raise ValueError(f"flow eta must be > 0, got {self.eta}")
+        if self.target_size < 1:
+            raise ValueError(f"flow target_size must be >= 1, got {self.target_size}")
+
+
+def labelled_divergence(
+    z: Tensor,
+    labels: Tensor,
+    positions: Tensor,
+    target: Tensor,
+    target_labels: Tensor,
+    target_positions: Tensor,
+    num_classes: int,
+    seq_len: int,
+    settings: FlowSettings,
+) -> Tensor:
+    """Class- and position-aware Sinkhorn divergence of conditions ``z`` ``[N, D]`` to ``target`` ``[M, D]``.
+
+    The same construction as the flow's: target mass matched per ``(class, position)`` group to the source's and
+    scaled one-hots appended. Source points whose group has no target point are left out. Differentiable in ``z``.
+
+    Returns:
+        Scalar divergence (0 when no source point has a target group).
+    """
+    a, b, keep = group_matched_weights(labels * seq_len + positions, target_labels * seq_len + target_positions)
+    if not bool(keep.any()):
+        return z.new_zeros((), dtype=torch.float32)
+    used = b > 0
+    weight = settings.label_weight
+    if weight is None:
+        both = torch.cat([z[keep].detach(), target[used]]).float()
+        weight = max(float((both.amax(0) - both.amin(0)).norm()), 10 * settings.blur)
+    x = labelled(z[keep].float(), labels[keep], positions[keep], num_classes, seq_len, weight)
+    y = labelled(target[used].float(), target_labels[used], target_positions[used], num_classes, seq_len, weight)
+    return sinkhorn_divergence(x, y, settings.blur, settings.scaling, a[keep], b[used])
+
+
+@dataclass
+class HookStats:
+    """What a refinement hook did, per AR step (filled as the sampler calls it)."""
+
+    seconds: float = 0.0
+    flow_traces: dict[int, Tensor] = field(default_factory=dict)
+    unmoved: dict[int, int] = field(default_factory=dict)
+
+
+class FlowRefiner:
+    """Moves the conditions of AR step ``k`` by the Sinkhorn flow toward the bank's bucket ``k``.
+
+    Args:
+        bank: Ideal conditions per AR step.
+        settings: Flow options.
+        num_classes: Class count (for the class one-hot).
+        seq_len: Tokens per image (for the position one-hot).
+        seed: Seed of the target subsampling (the same targets for the same seed).
+        null_bank: Optional bank of null-class conditions; when given, :meth:`refine_null` refines the null branch.
+    """
+
+    def __init__(
+        self,
+        bank: ConditionBank,
+        settings: FlowSettings,
+        num_classes: int,
+        seq_len: int,
+        seed: int = 0,
+        null_bank: ConditionBank | None = None,
+    ) -> None:
+        self.bank, self.settings, self.num_classes, self.seq_len = bank, settings, num_classes, seq_len
+        self.seed, self.null_bank, self.stats = seed, null_bank, HookStats()
+        self.refine_null = null_bank is not None
+
+    def _flow(self, bank: ConditionBank, z: Tensor, labels: Tensor, positions: Tensor, step: int, classes: int):
+        s = self.settings
+        generator = torch.Generator(bank.conditions.device).manual_seed(self.seed * 7919 + step)
+        target, t_labels, t_positions = bank.sample(step, s.target_size, generator)
+        return refine_conditions(
+            z, labels, positions, target, t_labels, t_positions, classes, self.seq_len,
+            steps=s.steps, eta=s.eta, blur=s.blur, scaling=s.scaling, lam=s.lam, label_weight=s.label_weight,
+        )
+
+    def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
+        """Refined conditions ``[N, D]`` for the conditions ``z`` ``[N, D]`` of AR step ``step``."""
+        start = time.perf_counter()
+        result = self._flow(self.bank, z, labels, positions, step, self.num_classes)
+        self.stats.flow_traces[step] = result.trace.detach().cpu()
+        self.stats.unmoved[step] = result.unmoved
+        self.stats.seconds += time.perf_counter() - start
+        return result.conditions
+
+    def null(self, z: Tensor, positions: Tensor, step: int) -> Tensor:
+        """Refine null-branch conditions with the null bank (all of one class)."""
+        if self.null_bank is None:
+            return z
+        start = time.perf_counter()
+        zeros = torch.zeros_like(positions)
+        result = self._flow(self.null_bank, z, zeros, positions, step, 1)
+        self.stats.seconds += time.perf_counter() - start
+        return result.conditions
+
+
+class AmortizedHook:
+    """Applies a trained :class:`AmortizedRefiner` (one MLP pass per AR step)."""
+
+    def __init__(self, refiner: AmortizedRefiner) -> None:
+        self.refiner, self.stats, self.refine_null = refiner, HookStats(), False
+
+    @torch.no_grad()
+    def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
+        start = time.perf_counter()
+        out = self.refiner(z, labels, step)
+        self.stats.seconds += time.perf_counter() - start
+        return out

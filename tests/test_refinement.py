@@ -1,0 +1,119 @@
+"""OTRefinement end to end on gmm: banks by teacher forcing, refined generation, measured divergences, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_ar import GenerationMetrics, GenerationTrace, LatentDataModule, MARGenerator, OTRefinement
+from lightning_ar.nn.teacher_forcing import masked_before
+
+SMALL = dict(width=64, encoder_depth=1, decoder_depth=1, num_heads=2, head_width=64, head_depth=2, num_iter=4,
+             num_sampling_steps=10, patch_size=1)
+
+
+def _trainer(root: Path, **kwargs) -> L.Trainer:
+    base = dict(default_root_dir=root, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                num_sanity_val_steps=0, enable_checkpointing=False)
+    return L.Trainer(**{**base, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def gmm_generator(tmp_path_factory) -> Path:
+    """A small gmm generator trained for a few hundred steps, saved as a checkpoint."""
+    root = tmp_path_factory.mktemp("gmm_gen")
+    L.seed_everything(0, verbose=False)
+    dm = LatentDataModule("gmm", batch_size=64)
+    model = MARGenerator(dm.latent_shape, dm.num_classes, dm.latent_scale, **SMALL,
+                         optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3))
+    trainer = _trainer(root, max_steps=150, limit_val_batches=0)
+    trainer.fit(model, dm)
+    trainer.save_checkpoint(root / "gen.ckpt")
+    return root / "gen.ckpt"
+
+
+@pytest.fixture(scope="module")
+def refined(gmm_generator: Path, tmp_path_factory) -> tuple[OTRefinement, LatentDataModule]:
+    root = tmp_path_factory.mktemp("gmm_refine")
+    dm = LatentDataModule("gmm", batch_size=128)
+    module = OTRefinement(str(gmm_generator), dm.latent_shape, dm.num_classes, dm.latent_scale, bank_capacity=2048,
+                          heldout_capacity=1024, teacher_passes=2, target_size=512, flow_steps=8)
+    _trainer(root, max_epochs=1, limit_train_batches=8, limit_val_batches=4).fit(module, dm)
+    return module, dm
+
+
+def test_banks_are_filled_by_teacher_forcing(refined) -> None:
+    module, _ = refined
+    n_per_step = [masked_before(module.schedule, k, 16) - module.schedule[k] for k in range(4)]
+    for k, n in enumerate(n_per_step):
+        assert int(module.bank.count[k]) == min(2048, 8 * 128 * 2 * n)
+        assert int(module.heldout.count[k]) == min(1024, 4 * 128 * 2 * n)
+
+
+def test_flow_lowers_divergence_to_heldout_ideal_at_every_step(refined) -> None:
+    module, _ = refined
+    labels = torch.arange(4).repeat_interleave(32)
+    before, after = GenerationTrace(), GenerationTrace()
+    module.generate(labels, refine="none", trace=before, generator=torch.Generator().manual_seed(0))
+    module.generate(labels, refine="flow", trace=after, generator=torch.Generator().manual_seed(0))
+    for k, (plain, rec) in enumerate(zip(before.steps, after.steps)):
+        assert rec.flow_trace is not None
+        if rec.flow_trace[0] > 1e-4:  # the flow lowers the divergence to its own target
+            assert rec.flow_trace[-1] < rec.flow_trace[0], k
+        assert plain.divergence_before == pytest.approx(plain.divergence_after)
+        # step 0 reveals nothing: its conditions are exact and there is (almost) nothing to correct
+        if rec.divergence_before > 1e-3:
+            assert rec.divergence_after < rec.divergence_before, (k, rec.divergence_before, rec.divergence_after)
+        else:
+            assert rec.divergence_after <= rec.divergence_before + 1e-3
+
+
+def test_identity_amortized_refiner_changes_nothing(refined) -> None:
+    module, _ = refined
+    labels = torch.arange(4)
+    a = module.generate(labels, refine="none", generator=torch.Generator().manual_seed(3))
+    b = module.generate(labels, refine="amortized", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)  # zero-initialised refiner is the identity
+
+
+def test_refined_test_reports_modes_side_by_side(refined, tmp_path: Path) -> None:
+    module, dm = refined
+    metrics = GenerationMetrics(variants={m: {"refine": m} for m in ("none", "flow", "amortized")},
+                                results_dir=str(tmp_path), max_batches=1)
+    _trainer(tmp_path, limit_test_batches=1, callbacks=[metrics]).test(module, dm, verbose=False)
+    table = (tmp_path / "results.md").read_text()
+    for mode in ("none", "flow", "amortized"):
+        assert f"| {mode} |" in table
+    assert metrics.last_results["flow"]["refine_share"] > 0 and metrics.last_results["none"]["refine_share"] == 0
+
+
+def test_checkpoint_roundtrip_without_generator_path(refined, tmp_path: Path) -> None:
+    module, dm = refined
+    trainer = _trainer(tmp_path, max_epochs=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "refine.ckpt")
+    loaded = OTRefinement.load_from_checkpoint(tmp_path / "refine.ckpt")
+    assert torch.equal(loaded.bank.conditions, module.bank.conditions)
+    labels = torch.tensor([0, 1])
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    assert torch.equal(loaded.generate(labels, refine="flow", generator=g()),
+                       module.generate(labels, refine="flow", generator=g()))
+
+
+def test_bad_inputs_name_the_option(gmm_generator: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="model.generator"):
+        OTRefinement(str(tmp_path / "missing.ckpt"))
+    with pytest.raises(ValueError, match="blur must be > 0"):
+        OTRefinement(str(gmm_generator), flow_blur=0.0)
+    with pytest.raises(ValueError, match="num_classes 10 differs"):
+        OTRefinement(str(gmm_generator), num_classes=10)
+    module = OTRefinement(str(gmm_generator))
+    with pytest.raises(ValueError, match="bucket 0 is empty"):
+        module.generate(torch.tensor([0]), refine="flow")
+    with pytest.raises(ValueError, match="bank was built for num_iter=4"):
+        module.generate(torch.tensor([0]), refine="flow", num_iter=8)
+    with pytest.raises(ValueError, match="refine must be one of"):
+        module.generate(torch.tensor([0]), refine="ot")
