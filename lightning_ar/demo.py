@@ -1,54 +1,88 @@
-"""``make demo``: train MAR on the embedded digits, evaluate it, and print where everything is.
+"""``make demo``: train MAR on the embedded digits, evaluate it, refine its conditions, and print the results.
 
-Runs ``lightning-ar fit`` then ``lightning-ar test`` on ``configs/digits/mar.yaml`` through the same entry point
-as the shell (:func:`lightning_ar.cli.main`), with all outputs under one folder (default ``outputs/demo``).
+Runs through the same entry point as the shell (:func:`lightning_ar.cli.main`), with all outputs under one folder
+(default ``outputs/demo``):
+
+1. ``lightning-ar fit`` + ``test`` on ``configs/digits/mar.yaml`` (the generator);
+2. ``lightning-ar fit`` + ``test`` on ``configs/digits/refine.yaml`` with that checkpoint (OT refinement: banks,
+   amortised refiner; test compares refinement modes ``none``, ``flow``, ``amortized`` with the same seeds).
+
+The combined table is written to ``<out>/results.md`` and ``results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
 
+from lightning_ar.callbacks.results import write_results
 from lightning_ar.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(stage: str, config: Path, out: Path, extra: list[str]) -> object:
-    args = [
+def _run(stage: str, config: Path, out: Path, version: str, extra: list[str]) -> None:
+    cli_main([
         stage, "--config", str(config),
         "--trainer.default_root_dir", str(out),
         "--trainer.logger.init_args.save_dir", str(out.parent),
         "--trainer.logger.init_args.name", out.name,
-        "--trainer.logger.init_args.version", stage,
-    ]
-    return cli_main(args + extra)
+        "--trainer.logger.init_args.version", version,
+        *extra,
+    ])
 
 
-def run_demo(out: Path, config: Path, extra: list[str] | None = None) -> dict[str, Path]:
-    """Fit and test; return the paths of the checkpoint, sample grids and results table."""
-    extra = list(extra or [])
+def _combine(out: Path) -> tuple[Path, Path]:
+    """One table: the generator's row and the refinement modes' rows (same test labels and seeds)."""
+    rows = {f"mar ({k})": v for k, v in json.loads((out / "test" / "results.json").read_text()).items()}
+    refine = out / "refine_test" / "results.json"
+    if refine.exists():
+        rows.update({f"mar + refine={k}": v for k, v in json.loads(refine.read_text()).items()})
+    return write_results(rows, out, title="Demo results: MAR on digits, then OT condition refinement")
+
+
+def run_demo(
+    out: Path,
+    config: Path,
+    refine_config: Path | None,
+    extra: list[str] | None = None,
+    refine_extra: list[str] | None = None,
+) -> dict[str, Path]:
+    """Fit and test the generator, then (unless ``refine_config`` is None) the refinement; return output paths.
+
+    ``extra`` and ``refine_extra`` are further CLI arguments of the generator and refinement runs.
+    """
+    extra, refine_extra = list(extra or []), list(refine_extra or [])
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    _run("fit", config, out, extra)
-    fit_seconds = time.perf_counter() - start
+    _run("fit", config, out, "fit", extra)
+    fit_minutes = (time.perf_counter() - start) / 60
     ckpt = out / "fit" / "checkpoints" / "last.ckpt"
-    _run("test", config, out, extra + ["--ckpt_path", str(ckpt)])
+    _run("test", config, out, "test", extra + ["--ckpt_path", str(ckpt)])
+    if refine_config is not None:
+        refine_extra += ["--model.init_args.generator", str(ckpt)]
+        _run("fit", refine_config, out, "refine", refine_extra)
+        refine_ckpt = out / "refine" / "checkpoints" / "last.ckpt"
+        _run("test", refine_config, out, "refine_test", refine_extra + ["--ckpt_path", str(refine_ckpt)])
+    table, table_json = _combine(out)
     paths = {
-        "checkpoint": ckpt,
+        "generator checkpoint": ckpt,
         "samples (fit, EMA weights)": out / "fit" / "samples" / "val_latest.png",
         "samples (test)": out / "test" / "samples" / "test_latest.png",
-        "results table": out / "test" / "results.md",
-        "results json": out / "test" / "results.json",
+        "refinement checkpoint": out / "refine" / "checkpoints" / "last.ckpt",
+        "results table": table,
+        "results json": table_json,
         "tensorboard logs": out,
     }
-    print(f"\nDemo finished: fit {fit_seconds / 60:.1f} min, total {(time.perf_counter() - start) / 60:.1f} min.")
+    total = (time.perf_counter() - start) / 60
+    print(f"\nDemo finished: generator fit {fit_minutes:.1f} min, total {total:.1f} min.")
     print(f"Outputs under {out}:")
     for name, path in paths.items():
-        print(f"  {name:28s} {path}{'' if path.exists() else '  (MISSING)'}")
-    print("\n" + paths["results table"].read_text())
+        print(f"  {name:28s} {path}{'' if path.exists() else '  (not produced)'}")
+    print("\n" + table.read_text())
     return paths
 
 
@@ -56,8 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="outputs/demo", help="output folder (replaced)")
     parser.add_argument("--config", default=str(REPO / "configs" / "digits" / "mar.yaml"))
+    parser.add_argument("--refine-config", default=str(REPO / "configs" / "digits" / "refine.yaml"),
+                        help="refinement config ('none' to skip the refinement stage)")
     args, extra = parser.parse_known_args(argv)
-    run_demo(Path(args.out), Path(args.config), extra)
+    refine = None if args.refine_config == "none" else Path(args.refine_config)
+    run_demo(Path(args.out), Path(args.config), refine, extra)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,11 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from conftest import TINY
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from lightning_ar import GenerationMetrics, GenerationTrace, LatentDataModule, MARGenerator
 from lightning_ar.modules.optim import adamw_param_groups
-
-from conftest import TINY
 
 
 def _gen(seed: int) -> torch.Generator:

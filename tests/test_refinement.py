@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import save_generator_checkpoint
 
 from lightning_ar import GenerationMetrics, GenerationTrace, LatentDataModule, MARGenerator, OTRefinement
 from lightning_ar.nn.teacher_forcing import masked_before
@@ -117,3 +118,28 @@ def test_bad_inputs_name_the_option(gmm_generator: Path, tmp_path: Path) -> None
         module.generate(torch.tensor([0]), refine="flow", num_iter=8)
     with pytest.raises(ValueError, match="refine must be one of"):
         module.generate(torch.tensor([0]), refine="ot")
+
+
+def test_null_bank_refines_the_null_branch(gmm_generator: Path, tmp_path: Path) -> None:
+    dm = LatentDataModule("gmm", batch_size=64)
+    module = OTRefinement(str(gmm_generator), null_bank=True, bank_capacity=256, heldout_capacity=128,
+                          teacher_passes=1, target_size=128, flow_steps=2)
+    _trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1).fit(module, dm)
+    assert int(module.null.count.min()) > 0 and int(module.null.labels.max()) == 0
+    labels = torch.arange(4)
+    with_null, without = GenerationTrace(), GenerationTrace()
+    module.generate(labels, refine="flow", cfg=2.0, trace=with_null, generator=torch.Generator().manual_seed(0))
+    module.null = None  # the conditional branch alone is refined without a null bank
+    module.generate(labels, refine="flow", cfg=2.0, trace=without, generator=torch.Generator().manual_seed(0))
+    last_with, last_without = with_null.steps[-1].null_conditions, without.steps[-1].null_conditions
+    assert not torch.allclose(last_with, last_without)
+
+
+def test_bank_from_another_generator_is_refused(refined, tmp_path: Path) -> None:
+    module, _ = refined
+    trainer = _trainer(tmp_path, max_epochs=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "refine.ckpt")
+    other = save_generator_checkpoint(tmp_path / "other.ckpt", "gmm", num_iter=8)
+    with pytest.raises(ValueError, match="built for another generator"):
+        OTRefinement.load_from_checkpoint(tmp_path / "refine.ckpt", generator=other)

@@ -142,7 +142,9 @@ class OTRefinement(L.LightningModule):
         if num_classes is not None and num_classes != gen.hparams.num_classes:
             raise ValueError(f"data num_classes {num_classes} differs from the generator's {gen.hparams.num_classes}")
         if latent_scale is not None and abs(latent_scale / gen.hparams.latent_scale - 1) > 1e-4:
-            raise ValueError(f"data latent_scale {latent_scale} differs from the generator's {gen.hparams.latent_scale}")
+            raise ValueError(
+                f"data latent_scale {latent_scale} differs from the generator's {gen.hparams.latent_scale}"
+            )
 
     def train(self, mode: bool = True) -> OTRefinement:
         """Set the mode of the trainable parts; the generator stays frozen in eval mode."""
