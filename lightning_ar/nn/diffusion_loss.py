@@ -71,7 +71,7 @@ class DiffusionLoss(nn.Module):
             variance_type="learned_range" if learn_sigma else "fixed_small",
             clip_sample=False,
             prediction_type="epsilon",
-            timestep_spacing="trailing",
+            timestep_spacing="leading",
         )
         self._register_schedule(self.scheduler.alphas_cumprod.double())
 
@@ -197,7 +197,10 @@ class DiffusionLoss(nn.Module):
             cfg: Guidance scale (used when ``z_null`` is given).
             temperature: Scale of the injected noise (DDPM) or of the initial noise (DDIM, DPM-Solver++).
             sampler: ``"ddpm"`` (respaced), ``"ddim"`` or ``"dpm++"``.
-            num_steps: Number of denoising steps (at most ``num_train_timesteps``).
+            num_steps: Number of denoising steps (at most ``num_train_timesteps``). Timesteps are spaced "leading"
+                (``990, 980, ..., 0`` for 100 steps): starting at ``t=999``, where the capped cosine schedule has
+                ``sqrt(alpha_bar) ~ 5e-5``, would amplify small noise errors a hundredfold (only ``num_steps`` near
+                1000 start there).
             generator: RNG on ``z``'s device for all noise.
 
         Returns:

@@ -1,0 +1,71 @@
+"""Figures of the theory monitors, drawn with matplotlib's object API on the Agg canvas (no pyplot, no global state)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lightning_ar.io import atomic_output
+from lightning_ar.theory.fits import DecayFit
+from lightning_ar.theory.measures import ScoreNorms, SinkhornCurves
+
+
+def plot_score_norms(norms: ScoreNorms, fit: DecayFit) -> Figure:
+    """``s_i`` per timestep and averaged, the fitted ``M beta^i + m``, and ``g_i`` on a second panel."""
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    ax_s, ax_g = fig.subplots(1, 2)
+    steps = np.arange(norms.score.shape[0])
+    for j, t in enumerate(norms.timesteps):
+        ax_s.plot(steps, norms.score[:, j], "o-", alpha=0.35, lw=1, label=f"t={t}")
+    ax_s.plot(steps, norms.score_mean, "ko-", lw=2, label="mean over t")
+    if np.isfinite(fit.beta):
+        fine = np.linspace(0, steps[-1], 200)
+        ax_s.plot(fine, fit.M * fit.beta**fine + fit.floor, "r--",
+                  label=f"fit beta={fit.beta:.3f}, R2={fit.r2:.2f}")
+    ax_s.set(xlabel="AR step i", ylabel="E||eps|| / sigma_t", title="conditional score norm s_i")
+    ax_s.legend(fontsize=7)
+    if norms.guidance is not None:
+        ax_g.plot(steps, norms.guidance, "o-", alpha=0.35, lw=1)
+        ax_g.plot(steps, norms.guidance_mean, "ko-", lw=2)
+    else:
+        ax_g.text(0.5, 0.5, "no guidance (cfg = 1)", ha="center", va="center", transform=ax_g.transAxes)
+    ax_g.set(xlabel="AR step i", ylabel="E||eps_c - eps_null|| / sigma_t", title="guidance norm g_i")
+    return fig
+
+
+def plot_sinkhorn(curves: dict[str, SinkhornCurves]) -> Figure:
+    """Divergence to held-out ideal conditions before/after refinement per AR step, and the inner-flow traces."""
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    ax_d, ax_f = fig.subplots(1, 2)
+    for j, (mode, cur) in enumerate(curves.items()):
+        steps, color = np.arange(cur.before.size), f"C{j}"
+        ax_d.plot(steps, cur.before, "s--", color=color, alpha=0.6, label=f"before ({mode})")
+        ax_d.plot(steps, cur.after, "o-", color=color, label=f"after ({mode})")
+    ax_d.set(xlabel="AR step k", ylabel="Sinkhorn divergence", title="to held-out ideal conditions")
+    ax_d.legend(fontsize=7)
+    for mode, cur in curves.items():
+        for k, tr in enumerate(cur.flow_traces):
+            if tr is not None:
+                ax_f.plot(np.arange(tr.size), tr, "o-", ms=3, label=f"{mode} step {k}")
+    ax_f.set(xlabel="flow step j", ylabel="divergence to flow target", title="inner flow", yscale="symlog")
+    if ax_f.lines:
+        ax_f.legend(fontsize=6, ncol=2)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG atomically; return the path."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return path
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB rendering of ``fig`` (e.g. for ``SummaryWriter.add_image(..., dataformats="HWC")``)."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
