@@ -14,7 +14,14 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_ar import LatentDataModule, MARGenerator, OTRefinement
 from lightning_ar.callbacks import ConditionalScoreNormMonitor, SinkhornDivergenceMonitor
-from lightning_ar.theory import fit_contraction, fit_exponential_decay, write_theory_report
+from lightning_ar.nn import DiffusionLoss, GenerationTrace
+from lightning_ar.theory import (
+    fit_contraction,
+    fit_exponential_decay,
+    score_norms,
+    sinkhorn_curves,
+    write_theory_report,
+)
 
 STEPS = np.arange(12)
 
@@ -67,14 +74,60 @@ def test_rising_and_growing_curves_do_not_hold() -> None:
 
 def test_contraction_of_geometric_and_non_monotone_traces() -> None:
     geometric = fit_contraction(3.0 * 0.6 ** np.arange(11))
-    assert geometric["rho"] == pytest.approx(0.6) and geometric["rho_overall"] == pytest.approx(0.6)
+    assert geometric["rho"] == pytest.approx(0.6) and geometric["rho_bound"] == pytest.approx(0.6)
     assert geometric["fraction_monotone"] == 1.0
     bumpy = fit_contraction([4.0, 3.0, 3.5, 2.0, 2.2, 1.0])
-    assert bumpy["fraction_monotone"] == pytest.approx(0.6) and bumpy["rho"] < 1
+    assert bumpy["fraction_monotone"] == pytest.approx(0.6) and bumpy["rho"] == pytest.approx(0.75)
+    assert bumpy["rho_bound"] == pytest.approx((3.5 / 4) ** 0.5)  # the smallest rho with v_k <= rho^k v_0
     with_floor = fit_contraction([0.5 + 2.0 * 0.5**k for k in range(11)])
     assert with_floor["rho_floor"] == pytest.approx(0.5) and with_floor["floor"] == pytest.approx(0.5)
     zeros = fit_contraction(np.zeros(5))
     assert math.isnan(zeros["rho"]) and zeros["fraction_monotone"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------- measures
+class _EchoNet(torch.nn.Module):
+    """A denoiser whose predicted noise is the first ``Dt`` coordinates of the condition."""
+
+    def __init__(self, token_dim: int) -> None:
+        super().__init__()
+        self.token_dim = token_dim
+
+    def forward(self, x, t, z):
+        return torch.cat([z[:, : self.token_dim], torch.zeros_like(x)], dim=-1)
+
+
+def _record(trace: GenerationTrace, k: int, z, z_null=None, **fields) -> None:
+    b, n = z.shape[:2]
+    trace.record(k, 0, 1.0, positions=torch.zeros(b, n, dtype=torch.long), conditions=z, raw_conditions=None,
+                 null_conditions=z_null, tokens=torch.randn(b, n, 2))
+    for name, value in fields.items():
+        setattr(trace.steps[-1], name, value)
+
+
+def test_score_norms_are_eps_norm_over_sigma() -> None:
+    head = DiffusionLoss(token_dim=2, cond_dim=3, width=8, depth=1)
+    head.net = _EchoNet(2)
+    trace = GenerationTrace()
+    z = torch.tensor([[[3.0, 4.0, 0.0]], [[0.0, 1.0, 0.0]]])  # eps norms 5 and 1 -> mean 3
+    _record(trace, 0, z, z_null=torch.zeros_like(z))
+    _record(trace, 1, 2 * z, z_null=z)
+    norms = score_norms(head, trace, [100, 900], torch.Generator().manual_seed(0))
+    sigma = (1 - head.alphas_cumprod[[100, 900]].double()).sqrt().numpy()
+    assert norms.score == pytest.approx(np.array([3.0 / sigma, 6.0 / sigma]), rel=1e-5)
+    assert norms.guidance == pytest.approx(np.array([3.0 / sigma, 3.0 / sigma]), rel=1e-5)
+
+
+def test_sinkhorn_curves_summary_skips_trivial_flow_traces() -> None:
+    trace = GenerationTrace()
+    z = torch.zeros(1, 1, 3)
+    _record(trace, 0, z, divergence_before=0.0, divergence_after=0.0, flow_trace=torch.zeros(3))
+    _record(trace, 1, z, divergence_before=2.0, divergence_after=1.0, flow_trace=torch.tensor([4.0, 2.0, 1.0]))
+    _record(trace, 2, z, divergence_before=2.0, divergence_after=0.0, flow_trace=torch.tensor([4.0, 1.0, 2.0]))
+    s = sinkhorn_curves(trace).summary()
+    assert s["reduction"] == pytest.approx(1 - 1.0 / 4.0) and s["before_mean"] == pytest.approx(4.0 / 3)
+    assert s["num_flow_traces"] == 2 and s["fraction_monotone"] == pytest.approx(3 / 4)
+    assert s["rho"] == pytest.approx((0.5 + 1.125) / 2) and s["rho_bound"] == pytest.approx(0.5**0.5)
 
 
 # ------------------------------------------------------------------------------------------------- monitors
@@ -153,7 +206,7 @@ def test_sinkhorn_monitor_on_ot_refinement(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, [monitor, score], limit_test_batches=1)
     trainer.test(module, dm, verbose=False)
     keys = ["theory/sinkhorn_before_mean", "theory/sinkhorn_after_mean", "theory/sinkhorn_reduction",
-            "theory/flow_fraction_monotone", "theory/flow_rho"]
+            "theory/flow_fraction_monotone", "theory/flow_rho", "theory/flow_rho_bound"]
     assert set(keys) <= set(trainer.callback_metrics)
     flow = monitor.last["modes"]["flow"]
     assert len(flow["before"]) == TINY["num_iter"] and all(len(tr) == 4 for tr in flow["flow_traces"])

@@ -104,6 +104,13 @@ def _mode_claims(mode: str, s: dict[str, float]) -> list[str]:
     return lines
 
 
+def _sinkhorn_row(mode: str, k: int, cur: dict[str, Any]) -> str:
+    tr, con = cur["flow_traces"][k], cur["contraction"][k] or {}
+    cells = [mode, str(k), _fmt(cur["before"][k]), _fmt(cur["after"][k]), _fmt(tr[0] if tr else None),
+             _fmt(tr[-1] if tr else None), *(_fmt(con.get(key)) for key in ("rho", "rho_bound", "fraction_monotone"))]
+    return "| " + " | ".join(cells) + " |"
+
+
 def sinkhorn_section(last: dict[str, Any], report_dir: Path) -> str:
     """Markdown section of :class:`~lightning_ar.callbacks.theory.SinkhornDivergenceMonitor` results."""
     lines = [
@@ -115,12 +122,7 @@ def sinkhorn_section(last: dict[str, Any], report_dir: Path) -> str:
         "| mode | AR step | before | after | flow start | flow end | rho (median ratio) | rho bound | monotone |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for mode, cur in last["modes"].items():
-        for k, (b, a) in enumerate(zip(cur["before"], cur["after"])):
-            tr, con = cur["flow_traces"][k], cur["contraction"][k] or {}
-            ends = (_fmt(tr[0]), _fmt(tr[-1])) if tr else ("n/a", "n/a")
-            lines.append(f"| {mode} | {k} | {_fmt(b)} | {_fmt(a)} | {ends[0]} | {ends[1]} | "
-                         f"{_fmt(con.get('rho'))} | {_fmt(con.get('rho_bound'))} | {_fmt(con.get('fraction_monotone'))} |")
+    lines += [_sinkhorn_row(mode, k, cur) for mode, cur in last["modes"].items() for k in range(len(cur["before"]))]
     lines.append("")
     for mode, cur in last["modes"].items():
         s = cur["summary"]
