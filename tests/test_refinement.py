@@ -41,7 +41,8 @@ def refined(gmm_generator: Path, tmp_path_factory) -> tuple[OTRefinement, Latent
     root = tmp_path_factory.mktemp("gmm_refine")
     dm = LatentDataModule("gmm", batch_size=128)
     module = OTRefinement(str(gmm_generator), dm.latent_shape, dm.num_classes, dm.latent_scale, bank_capacity=2048,
-                          heldout_capacity=1024, teacher_passes=2, target_size=512, flow_steps=8)
+                          heldout_capacity=1024, teacher_passes=2, target_size=512, flow_steps=2,
+                          flow_eta=0.3)
     _trainer(root, max_epochs=1, limit_train_batches=8, limit_val_batches=4).fit(module, dm)
     return module, dm
 

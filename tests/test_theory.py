@@ -161,6 +161,7 @@ def test_score_monitor_logs_plots_reports_and_restores_train_mode(tmp_path: Path
     trainer.fit(model, dm)
     assert set(SCORE_KEYS) <= set(trainer.callback_metrics)
     assert probe.modes == [True, True]  # the second batch follows a validation with generation
+    assert monitor.last["stage"] == "val" and monitor.last["global_step"] >= 1
     assert model.training
     assert set(SCORE_KEYS) <= set(monitor.last["metrics"])
     norms = monitor.last["norms"]
@@ -191,6 +192,10 @@ def test_disabled_monitor_and_bad_options(tmp_path: Path, tiny_generator: MARGen
     with pytest.raises(ValueError, match="timesteps"):
         _trainer(tmp_path, [ConditionalScoreNormMonitor(timesteps=(1000,))], limit_test_batches=1).test(
             tiny_generator, dm, verbose=False)
+    _trainer(tmp_path, [SinkhornDivergenceMonitor(enabled=False)], limit_test_batches=1).test(
+        tiny_generator, dm, verbose=False)  # disabled: not even checked
+    with pytest.raises(ValueError, match="refine"):
+        _trainer(tmp_path, [SinkhornDivergenceMonitor(generate_kwargs={"refine": "flow"})]).test(tiny_generator, dm)
     with pytest.raises(TypeError, match="OTRefinement"):
         _trainer(tmp_path, [SinkhornDivergenceMonitor()], limit_test_batches=1).test(tiny_generator, dm, verbose=False)
 
@@ -202,7 +207,8 @@ def test_sinkhorn_monitor_on_ot_refinement(tmp_path: Path) -> None:
                           heldout_capacity=128, teacher_passes=1, target_size=128, flow_steps=3)
     _trainer(tmp_path, [], max_epochs=1, limit_train_batches=2, limit_val_batches=2).fit(module, dm)
     monitor = SinkhornDivergenceMonitor(num_per_class=4)
-    score = ConditionalScoreNormMonitor(num_per_class=1, timesteps=(500,), plot=False)
+    score = ConditionalScoreNormMonitor(num_per_class=1, timesteps=(500,), plot=False,
+                                        generate_kwargs={"refine": "none"})
     trainer = _trainer(tmp_path, [monitor, score], limit_test_batches=1)
     trainer.test(module, dm, verbose=False)
     keys = ["theory/sinkhorn_before_mean", "theory/sinkhorn_after_mean", "theory/sinkhorn_reduction",

@@ -46,6 +46,7 @@ class _TheoryMonitor(Callback):
     """Shared scheduling, logging and file output; subclasses implement :meth:`measure`."""
 
     section = ""  # "score_norm" or "sinkhorn": file names and report section
+    reserved_kwargs: tuple[str, ...] = ("generator", "trace")  # generate() arguments the monitor sets itself
 
     def __init__(self, num_per_class: int, classes: list[int] | None, seed: int, on_validation: bool, on_test: bool,
                  every_n_epochs: int, plot: bool, enabled: bool, generate_kwargs: dict[str, Any] | None) -> None:
@@ -61,7 +62,7 @@ class _TheoryMonitor(Callback):
         name = type(self).__name__
         if self.num_per_class < 1 or self.every_n_epochs < 1:
             raise ValueError(f"{name}.num_per_class and {name}.every_n_epochs must be >= 1")
-        reserved = {"generator", "trace", "refine"} & set(self.generate_kwargs)
+        reserved = set(self.reserved_kwargs) & set(self.generate_kwargs)
         if reserved:
             raise ValueError(f"{name}.generate_kwargs must not set {sorted(reserved)} (the monitor sets them)")
 
@@ -159,7 +160,7 @@ class ConditionalScoreNormMonitor(_TheoryMonitor):
         on_test: Measure in ``test``.
         every_n_epochs: Validation epochs between measurements during ``fit``.
         plot: Write and log the PNG.
-        enabled: ``False`` turns the monitor off (no generation).
+        enabled: ``False`` turns the monitor off (no generation, no option checks).
         classes: Classes of the batch (default: the first 10).
         generate_kwargs: Extra keyword arguments of ``generate`` (e.g. ``{"refine": "none"}`` for ``OTRefinement``).
     """
@@ -186,6 +187,8 @@ class ConditionalScoreNormMonitor(_TheoryMonitor):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.enabled:
+            return
         self._check_common()
         if "cfg" in self.generate_kwargs:
             raise ValueError("ConditionalScoreNormMonitor: set cfg with the cfg option, not in generate_kwargs")
@@ -256,12 +259,13 @@ class SinkhornDivergenceMonitor(_TheoryMonitor):
         on_test: Measure in ``test``.
         every_n_epochs: Validation epochs between measurements during ``fit``.
         plot: Write and log the PNG.
-        enabled: ``False`` turns the monitor off (no generation).
+        enabled: ``False`` turns the monitor off (no generation, no option checks).
         classes: Classes of the batch (default: the first 10).
         generate_kwargs: Extra keyword arguments of ``generate`` (e.g. ``{"cfg": 2.0}``).
     """
 
     section = "sinkhorn"
+    reserved_kwargs = ("generator", "trace", "refine")
 
     def __init__(
         self,
@@ -284,6 +288,8 @@ class SinkhornDivergenceMonitor(_TheoryMonitor):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from lightning_ar.modules.refinement import MODES
 
+        if not self.enabled:
+            return
         self._check_common()
         generate = getattr(pl_module, "generate", None)
         params = inspect.signature(generate).parameters if callable(generate) else {}

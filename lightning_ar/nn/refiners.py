@@ -37,8 +37,8 @@ class FlowSettings:
         target_size: Bank samples used as the target per AR step (caps the cost).
     """
 
-    steps: int = 10
-    eta: float = 1.0
+    steps: int = 2
+    eta: float = 0.3
     blur: float = 0.5
     scaling: float = 0.9
     lam: float = 0.0
