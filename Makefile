@@ -24,7 +24,6 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check lightning_ar tests
-	$(BIN)/ruff format --check lightning_ar tests
 
 clean:
 	rm -rf outputs .pytest_cache

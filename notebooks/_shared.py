@@ -128,21 +128,37 @@ def train_or_load_digits(
             print(f"cached checkpoint {ckpt.name} could not be loaded ({err!r}); training again")
     from lightning_ar.cli import build_cli
 
-    callbacks = [{"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging",
-                  "init_args": {"decay": _ema_decay(budget_steps)}}]
+    callbacks = [
+        {
+            "class_path": "lightning.pytorch.callbacks.EMAWeightAveraging",
+            "init_args": {"decay": _ema_decay(budget_steps)},
+        }
+    ]
     run_dir = out_dir / "runs" / ckpt.stem
-    cli = build_cli([
-        "fit", "--config", str(config),
-        "--trainer.max_steps", str(budget_steps),
-        "--trainer.default_root_dir", str(run_dir),
-        "--trainer.logger", "false",
-        "--trainer.enable_checkpointing", "false",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--trainer.check_val_every_n_epoch", "100000",  # no validation: the notebooks measure themselves
-        "--trainer.callbacks", json.dumps(callbacks),
-        *extra,
-    ])
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_steps",
+            str(budget_steps),
+            "--trainer.default_root_dir",
+            str(run_dir),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--trainer.check_val_every_n_epoch",
+            "100000",  # no validation: the notebooks measure themselves
+            "--trainer.callbacks",
+            json.dumps(callbacks),
+            *extra,
+        ]
+    )
     tmp = ckpt.with_suffix(".tmp")
     cli.trainer.save_checkpoint(tmp, weights_only=True)
     os.replace(tmp, ckpt)
@@ -198,8 +214,11 @@ def build_refinement(
                 break
             idx = order[i : i + batch_size]
             ref.fill_bank(bank, latents[idx], labels[idx], gen)
-    info = {"seconds": time.perf_counter() - start, "bank_count": ref.bank.count.tolist(),
-            "heldout_count": ref.heldout.count.tolist()}
+    info = {
+        "seconds": time.perf_counter() - start,
+        "bank_count": ref.bank.count.tolist(),
+        "heldout_count": ref.heldout.count.tolist(),
+    }
     return ref, info
 
 
@@ -221,15 +240,20 @@ def ideal_floor(ref, per_class: int, seed: int = 0, split: str = "test") -> np.n
     latents, labels = digits_split(split, float(gen.hparams.latent_scale))
     g = torch.Generator().manual_seed(seed)
     classes = int(gen.hparams.num_classes)
-    idx = torch.cat([torch.nonzero(labels == c).squeeze(1)[torch.randperm(int((labels == c).sum()), generator=g)]
-                     [:per_class] for c in range(classes)])
+    idx = torch.cat(
+        [
+            torch.nonzero(labels == c).squeeze(1)[torch.randperm(int((labels == c).sum()), generator=g)][:per_class]
+            for c in range(classes)
+        ]
+    )
     tokens = patchify(latents[idx], int(gen.hparams.patch_size))
     out = []
     for k in range(len(ref.schedule)):
         sc = teacher_forced_conditions(gen.mar, tokens, labels[idx], ref.schedule, k, g)
         heldout = ref.heldout.get(k)
-        out.append(float(labelled_divergence(sc.conditions, sc.labels, sc.positions, *heldout, classes, gen.seq_len,
-                                             ref.flow)))
+        out.append(
+            float(labelled_divergence(sc.conditions, sc.labels, sc.positions, *heldout, classes, gen.seq_len, ref.flow))
+        )
     return np.array(out)
 
 
@@ -244,7 +268,7 @@ def digits_grid(latents: torch.Tensor, nrow: int) -> np.ndarray:
     return grid
 
 
-def show(fig, out_dir: str | Path, name: str, dpi: int = 80, colors: int = 64) -> Path:
+def show(fig, out_dir: str | Path, name: str, dpi: int = 80, colors: int = 64) -> None:
     """Write ``fig`` to ``<out_dir>/<name>.png`` and display it in the notebook; close it.
 
     The PNG is quantized to a ``colors``-colour palette (about 4x smaller than matplotlib's RGBA output, with no
@@ -263,4 +287,3 @@ def show(fig, out_dir: str | Path, name: str, dpi: int = 80, colors: int = 64) -
     path = Path(out_dir) / f"{name}.png"
     image.save(path, format="PNG", optimize=True)
     display(Image(data=path.read_bytes(), format="png"))
-    return path

@@ -69,12 +69,19 @@ def test_notebooks_exist_and_are_committed_without_outputs() -> None:
 
 def test_kernel_runs_this_interpreter(tmp_path: Path) -> None:
     """``python3`` resolves to a kernel of this environment (same ``sys.prefix``), so it sees ``lightning_ar``."""
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "import sys, lightning_ar\nprint(sys.prefix)\nprint(lightning_ar.__file__)"
-    )])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                "import json, sys\nimport lightning_ar\nprint('KERNEL=' + json.dumps([sys.prefix, lightning_ar.__file__]))"
+            )
+        ]
+    )
     _execute(nb, tmp_path)
-    prefix, package = _outputs(nb)[0]["text"].split()
-    assert Path(prefix).resolve() == Path(sys.prefix).resolve()
+    text = "".join(out.get("text", "") for out in _outputs(nb) if out.get("name") == "stdout")
+    line = next((ln for ln in text.splitlines() if ln.startswith("KERNEL=")), None)
+    assert line is not None, f"unexpected kernel output: {_outputs(nb)}"
+    prefix, package = json.loads(line[len("KERNEL=") :])
+    assert Path(prefix).resolve() == Path(sys.prefix).resolve(), f"kernel runs {prefix}, tests run {sys.prefix}"
     assert Path(package).resolve().is_relative_to(REPO)
 
 
