@@ -69,13 +69,8 @@ def test_notebooks_exist_and_are_committed_without_outputs() -> None:
 
 def test_kernel_runs_this_interpreter(tmp_path: Path) -> None:
     """``python3`` resolves to a kernel of this environment (same ``sys.prefix``), so it sees ``lightning_ar``."""
-    nb = nbformat.v4.new_notebook(
-        cells=[
-            nbformat.v4.new_code_cell(
-                "import json, sys\nimport lightning_ar\nprint('KERNEL=' + json.dumps([sys.prefix, lightning_ar.__file__]))"
-            )
-        ]
-    )
+    source = "import json, sys\nimport lightning_ar\nprint('KERNEL=' + json.dumps([sys.prefix, lightning_ar.__file__]))"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
     _execute(nb, tmp_path)
     text = "".join(out.get("text", "") for out in _outputs(nb) if out.get("name") == "stdout")
     line = next((ln for ln in text.splitlines() if ln.startswith("KERNEL=")), None)
