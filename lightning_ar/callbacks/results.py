@@ -38,5 +38,5 @@ def write_results(results: dict[str, dict[str, float]], out_dir: Path, title: st
     """Write ``results.md`` and ``results.json`` into ``out_dir``; return their paths."""
     md, js = Path(out_dir) / "results.md", Path(out_dir) / "results.json"
     atomic_write_text(md, f"# {title}\n\n{format_table(results)}\n")
-    atomic_write_text(js, json.dumps(results, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(js, json.dumps(results, indent=2) + "\n")
     return md, js
