@@ -205,6 +205,55 @@ def sinkhorn_flow(
     return RefinementResult(conditions=c.to(c0.dtype), trace=torch.stack(trace))
 
 
+@dataclass
+class LabelledClouds:
+    """Source and target clouds prepared for class- and position-aware transport (see :func:`labelled_clouds`).
+
+    Attributes:
+        keep: ``[N]`` source points whose (class, position) group has target points.
+        used: ``[M]`` target points of groups present in the source.
+        a: ``[N]`` source weights (0 where not kept); ``a[keep]`` sums to 1.
+        b: ``[M]`` target weights matching the source's mass per group; ``b[used]`` sums to 1.
+        src: ``[n, D + C + L]`` kept source points with the scaled one-hots (``None`` when nothing is kept).
+        tgt: ``[m, D + C + L]`` used target points with the scaled one-hots.
+    """
+
+    keep: Tensor
+    used: Tensor
+    a: Tensor
+    b: Tensor
+    src: Tensor | None
+    tgt: Tensor | None
+
+
+def labelled_clouds(
+    z: Tensor,
+    labels: Tensor,
+    positions: Tensor,
+    target: Tensor,
+    target_labels: Tensor,
+    target_positions: Tensor,
+    num_classes: int,
+    seq_len: int,
+    blur: float,
+    label_weight: float | None = None,
+) -> LabelledClouds:
+    """Group-matched weights and labelled features shared by the flow and by divergence measurements.
+
+    ``label_weight=None`` picks the diameter of both clouds (at least ``10 * blur``), which makes crossing a group
+    costlier than any move within one.
+    """
+    a, b, keep = group_matched_weights(labels * seq_len + positions, target_labels * seq_len + target_positions)
+    used = b > 0  # (M,)
+    if not bool(keep.any()):
+        return LabelledClouds(keep, used, a, b, None, None)
+    src_z, tgt_z = z[keep].float(), target[used].float()
+    weight = max(_diameter(src_z.detach(), tgt_z), 10 * blur) if label_weight is None else label_weight
+    src = labelled(src_z, labels[keep], positions[keep], num_classes, seq_len, weight)  # (n, D + C + L)
+    tgt = labelled(tgt_z, target_labels[used], target_positions[used], num_classes, seq_len, weight)  # (m, ...)
+    return LabelledClouds(keep, used, a, b, src, tgt)
+
+
 def refine_conditions(
     z: Tensor,
     labels: Tensor,
@@ -250,14 +299,12 @@ def refine_conditions(
     _check_clouds(z, target)
     if label_weight is not None and not label_weight >= 0:
         raise ValueError(f"label_weight must be >= 0, got {label_weight}")
-    a, b, keep = group_matched_weights(labels * seq_len + positions, target_labels * seq_len + target_positions)
-    out, unmoved = z.clone(), int((~keep).sum())
-    if unmoved == len(z):
+    clouds = labelled_clouds(z, labels, positions, target, target_labels, target_positions, num_classes, seq_len,
+                             blur, label_weight)
+    out, unmoved = z.clone(), int((~clouds.keep).sum())
+    if clouds.src is None:
         return RefinementResult(conditions=out, trace=z.new_zeros(steps + 1, dtype=torch.float32), unmoved=unmoved)
-    used = b > 0  # (M,) target points of groups present in the source
-    weight = max(_diameter(z[keep], target[used]), 10 * blur) if label_weight is None else label_weight
-    src = labelled(z[keep].float(), labels[keep], positions[keep], num_classes, seq_len, weight)  # (n, D + C + L)
-    tgt = labelled(target[used].float(), target_labels[used], target_positions[used], num_classes, seq_len, weight)
+    keep, used, a, b, src, tgt = clouds.keep, clouds.used, clouds.a, clouds.b, clouds.src, clouds.tgt
     d = z.shape[1]
     result = sinkhorn_flow(
         z[keep], target[used], steps, eta, blur, scaling, lam, a[keep], b[used], src[:, d:], tgt[:, d:]

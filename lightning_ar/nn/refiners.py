@@ -15,8 +15,7 @@ from torch import Tensor
 from lightning_ar.nn.refine import (
     AmortizedRefiner,
     ConditionBank,
-    group_matched_weights,
-    labelled,
+    labelled_clouds,
     refine_conditions,
     sinkhorn_divergence,
 )
@@ -75,17 +74,13 @@ def labelled_divergence(
     Returns:
         Scalar divergence (0 when no source point has a target group).
     """
-    a, b, keep = group_matched_weights(labels * seq_len + positions, target_labels * seq_len + target_positions)
-    if not bool(keep.any()):
+    clouds = labelled_clouds(z, labels, positions, target, target_labels, target_positions, num_classes, seq_len,
+                             settings.blur, settings.label_weight)
+    if clouds.src is None:
         return z.new_zeros((), dtype=torch.float32)
-    used = b > 0
-    weight = settings.label_weight
-    if weight is None:
-        both = torch.cat([z[keep].detach(), target[used]]).float()
-        weight = max(float((both.amax(0) - both.amin(0)).norm()), 10 * settings.blur)
-    x = labelled(z[keep].float(), labels[keep], positions[keep], num_classes, seq_len, weight)
-    y = labelled(target[used].float(), target_labels[used], target_positions[used], num_classes, seq_len, weight)
-    return sinkhorn_divergence(x, y, settings.blur, settings.scaling, a[keep], b[used])
+    return sinkhorn_divergence(
+        clouds.src, clouds.tgt, settings.blur, settings.scaling, clouds.a[clouds.keep], clouds.b[clouds.used]
+    )
 
 
 @dataclass
