@@ -6,6 +6,10 @@ a config never types them twice. Every model of the collection accepts these thr
 
 from __future__ import annotations
 
+import importlib
+import sys
+from collections.abc import Callable
+
 from lightning.pytorch.cli import LightningCLI
 from omegaconf import OmegaConf
 
@@ -49,9 +53,26 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningARCLI
     )
 
 
+# Subcommands that are not Lightning Trainer stages: name -> "module:function" taking the remaining arguments.
+TOOLS: dict[str, str] = {
+    "cache": "lightning_ar.data.cache:cache_main",
+    "import-mar": "lightning_ar.checkpoints.import_mar:import_main",
+}
+
+
+def _tool(name: str) -> Callable[[list[str]], None]:
+    module, function = TOOLS[name].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``lightning-ar`` (shell, demo, notebooks and tests): ``fit|validate|test|predict``."""
-    build_cli(args)
+    """Entry point of ``lightning-ar``: ``fit|validate|test|predict`` (LightningCLI) and the tools ``cache``,
+    ``import-mar`` (each with its own ``--help``)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in TOOLS:
+        _tool(argv[0])(argv[1:])
+        return
+    build_cli(argv)
 
 
 if __name__ == "__main__":
