@@ -57,6 +57,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningARCLI
 TOOLS: dict[str, str] = {
     "cache": "lightning_ar.data.cache:cache_main",
     "import-mar": "lightning_ar.checkpoints.import_mar:import_main",
+    "convert-vae": "lightning_ar.data.vae:convert_main",
 }
 
 
@@ -67,6 +68,7 @@ def _tool(name: str) -> Callable[[list[str]], None]:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lightning-ar``: ``fit|validate|test|predict`` (LightningCLI) and the tools ``cache``,
+    ``convert-vae``,
     ``import-mar`` (each with its own ``--help``)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in TOOLS:
