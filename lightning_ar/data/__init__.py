@@ -1,6 +1,25 @@
-"""Data: the latent data module and the embedded sources."""
+"""Data: the latent data module, the embedded sources and the latent cache."""
 
+from lightning_ar.data.cache_source import CacheDataset, CacheSource
 from lightning_ar.data.datamodule import LatentDataModule
+from lightning_ar.data.shards import CacheMeta, ShardReader, validate_cache
 from lightning_ar.data.sources import DigitsSource, GMMSource, LatentSource, make_source
+from lightning_ar.data.vae import convert_ldm_kl16, decode_latents, encode_moments, load_vae, save_converted_vae
 
-__all__ = ["DigitsSource", "GMMSource", "LatentDataModule", "LatentSource", "make_source"]
+__all__ = [
+    "CacheDataset",
+    "CacheMeta",
+    "CacheSource",
+    "DigitsSource",
+    "GMMSource",
+    "LatentDataModule",
+    "LatentSource",
+    "ShardReader",
+    "convert_ldm_kl16",
+    "decode_latents",
+    "encode_moments",
+    "load_vae",
+    "make_source",
+    "save_converted_vae",
+    "validate_cache",
+]

@@ -1,0 +1,343 @@
+"""``lightning-ar cache``: an ImageFolder encoded by a VAE into a sharded latent cache (see :mod:`.shards`).
+
+Distributed with Lightning's engine: :class:`MomentEncoder` (a LightningModule whose ``predict_step`` encodes a batch
+and its mirror image) runs under ``Trainer(strategy=..., devices=..., num_nodes=...)``; the shards still missing are
+dealt round-robin to the ranks, each rank encodes whole shards (batches never straddle shards, so the bytes do not
+depend on the number of processes) and :class:`ShardWriter` writes each shard atomically when complete. Re-running
+with the same arguments skips the shards already on disk (each is validated; invalid ones are re-encoded) and
+finishes the rest. Finally rank 0 computes the latent scale and writes ``meta.json``, the mark of a finished cache.
+
+Policy for bad input: an unreadable or corrupted image stops the run with an error naming the file (shards already
+written are kept; replace or remove the file and re-run); an empty class folder or an image root without class
+folders stops before any encoding (torchvision's ImageFolder rules).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lightning_ar.data.shards import DTYPES, CacheMeta, ShardInfo, open_shard, shard_files, write_shard
+from lightning_ar.data.vae import encode_moments, load_vae, sample_posterior
+
+# Test-only: after a rank has written this many shards, SIGKILL the process group (simulates a killed job).
+KILL_ENV = "LIGHTNING_AR_CACHE_TEST_KILL_AFTER"
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """ADM/MAR centre crop: BOX-halve while the short side >= 2*size, BICUBIC to short side = size, crop.
+
+    Returns:
+        ``[size, size, 3]`` uint8 array.
+    """
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image.convert("RGB"))
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top : top + image_size, left : left + image_size]
+
+
+def load_image(path: str, image_size: int) -> Tensor:
+    """Read, centre-crop and normalise one image: ``[3, size, size]`` float32 in ``[-1, 1]``.
+
+    Raises:
+        ValueError: the file is not a readable image (named).
+    """
+    try:
+        with Image.open(path) as img:
+            arr = center_crop_arr(img.convert("RGB"), image_size)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{path}: unreadable image ({err}); replace or remove it and re-run the cache") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+class ImageItems(Dataset):
+    """The sorted ImageFolder list as ``(image [3, S, S], label, index)`` items.
+
+    Raises:
+        FileNotFoundError: no class folders, or a class folder without images (named by torchvision).
+    """
+
+    def __init__(self, root: str, image_size: int) -> None:
+        from torchvision.datasets import ImageFolder
+
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"cache image_root {root!r}: not a directory (expected class subfolders)")
+        try:
+            folder = ImageFolder(root)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"cache image_root {root!r}: {err}") from None
+        self.samples, self.classes, self.image_size = folder.samples, folder.classes, image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        path, label = self.samples[index]
+        return load_image(path, self.image_size), label, index
+
+
+def shard_ranges(num_items: int, shard_size: int) -> list[range]:
+    """Item ranges of the shards: shard ``k`` holds items ``[k*S, min((k+1)*S, N))``."""
+    return [range(s, min(s + shard_size, num_items)) for s in range(0, num_items, shard_size)]
+
+
+def shard_done(directory: Path, index: int, count: int, item_shape: tuple[int, ...], dtype: str) -> bool:
+    """Whether shard ``index`` is on disk, complete and consistent (else it is (re)encoded)."""
+    mfile, lfile = shard_files(index)
+    if not (directory / mfile).is_file() or not (directory / lfile).is_file():
+        return False
+    try:
+        open_shard(directory, ShardInfo(mfile, lfile, count), item_shape, dtype)
+    except (ValueError, FileNotFoundError):
+        return False
+    return True
+
+
+class ShardBatches(Sampler[list[int]]):
+    """Batches of consecutive items inside each given shard (never across shards)."""
+
+    def __init__(self, ranges: list[range], batch_size: int) -> None:
+        self.ranges, self.batch_size = ranges, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for r in self.ranges:
+            for start in range(0, len(r), self.batch_size):
+                yield list(r[start : start + self.batch_size])
+
+    def __len__(self) -> int:
+        return sum(math.ceil(len(r) / self.batch_size) for r in self.ranges)
+
+
+class ImageShardData(L.LightningDataModule):
+    """Predict data of one rank: the missing shards ``k`` with ``k % world_size == rank``, found in ``setup``."""
+
+    def __init__(self, items: ImageItems, out_dir: str, shard_size: int, batch_size: int, num_workers: int,
+                 item_shape: tuple[int, ...], dtype: str) -> None:
+        super().__init__()
+        self.items, self.out_dir, self.shard_size = items, Path(out_dir), shard_size
+        self.batch_size, self.num_workers, self.item_shape, self.dtype = batch_size, num_workers, item_shape, dtype
+        self.todo: dict[int, range] = {}
+        self.mine: dict[int, range] = {}
+
+    def missing(self) -> dict[int, range]:
+        """Shards not yet complete on disk: index -> item range."""
+        ranges = shard_ranges(len(self.items), self.shard_size)
+        return {k: r for k, r in enumerate(ranges) if not shard_done(self.out_dir, k, len(r), self.item_shape,
+                                                                      self.dtype)}
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.global_rank == 0:  # temporaries left by a killed run (before any rank writes again)
+            for stale in self.out_dir.glob(".shard_*.tmp.npy"):
+                stale.unlink(missing_ok=True)
+        self.todo = self.missing()
+        self.trainer.strategy.barrier("cache-scan")  # every rank scans before any rank writes
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        self.mine = {k: r for i, (k, r) in enumerate(sorted(self.todo.items())) if i % world == rank}
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.items, batch_sampler=ShardBatches(list(self.mine.values()), self.batch_size),
+                          num_workers=self.num_workers)
+
+
+class MomentEncoder(L.LightningModule):
+    """Encodes images and their mirror images to posterior moments with a frozen diffusers AutoencoderKL."""
+
+    def __init__(self, vae: str) -> None:
+        super().__init__()
+        self.vae = load_vae(vae).requires_grad_(False)
+
+    def predict_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Returns ``moments [B, 2, 2C, h, w]`` (float32, CPU; index 1 = flipped), ``labels`` and ``indices``."""
+        images, labels, indices = batch  # (B, 3, S, S), (B,), (B,)
+        both = torch.cat([images, images.flip(-1)])  # (2B, 3, S, S)
+        moments = encode_moments(self.vae, both).float()  # (2B, 2C, h, w)
+        moments = torch.stack(moments.chunk(2), dim=1)  # (B, 2, 2C, h, w)
+        return {"moments": moments.cpu(), "labels": labels.cpu(), "indices": indices.cpu()}
+
+
+class ShardWriter(BasePredictionWriter):
+    """Collects predicted batches per shard and writes each shard atomically once all its items are in."""
+
+    def __init__(self, data: ImageShardData) -> None:
+        super().__init__(write_interval="batch")
+        self.data, self.buffers, self.written, self.started = data, {}, 0, time.perf_counter()
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.started = time.perf_counter()
+
+    def write_on_batch_end(self, trainer, pl_module, prediction: dict[str, Tensor], batch_indices, batch,
+                           batch_idx: int, dataloader_idx: int = 0) -> None:
+        shard = int(prediction["indices"][0]) // self.data.shard_size
+        self.buffers.setdefault(shard, []).append(prediction)
+        parts = self.buffers[shard]
+        if sum(len(p["labels"]) for p in parts) < len(self.data.mine[shard]):
+            return
+        moments = torch.cat([p["moments"] for p in parts]).numpy()
+        labels = torch.cat([p["labels"] for p in parts]).numpy()
+        write_shard(self.data.out_dir, shard, moments, labels, self.data.dtype)
+        del self.buffers[shard]
+        self.written += 1
+        if os.environ.get(KILL_ENV) and self.written >= int(os.environ[KILL_ENV]):
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+class ImagesPerSecondBar(TQDMProgressBar):
+    """Lightning's progress bar with the images/s of this rank in the predict bar."""
+
+    def on_predict_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch_idx == 0:
+            self._start, self._seen = time.perf_counter(), 0
+        super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int,
+                             dataloader_idx: int = 0) -> None:
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self._seen += len(batch[1])
+        rate = self._seen / max(time.perf_counter() - self._start, 1e-9)
+        self.predict_progress_bar.set_postfix({"images/s": f"{rate:.1f}"})
+
+
+def posterior_std(directory: str | Path, shards: list[ShardInfo], item_shape: tuple[int, ...], dtype: str,
+                  seed: int) -> float:
+    """Std of one posterior sample of every cached latent (both flip copies).
+
+    One ``torch.Generator`` seeded with ``seed``; shards in order, one :func:`sample_posterior` call per shard on its
+    moments viewed as ``[2N, 2C, h, w]``; moments accumulated in float64.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    total, sq, count = 0.0, 0.0, 0
+    for info in shards:
+        moments, _ = open_shard(directory, info, item_shape, dtype)
+        sample = sample_posterior(torch.from_numpy(np.array(moments)).flatten(0, 1), gen).double()
+        total, sq, count = total + sample.sum().item(), sq + sample.square().sum().item(), count + sample.numel()
+    mean = total / count
+    return math.sqrt(max(sq / count - mean * mean, 0.0) * count / max(count - 1, 1))
+
+
+def latent_shape_of(vae, image_size: int) -> tuple[int, int, int]:
+    """``(C, h, w)`` of the latents of a diffusers AutoencoderKL for ``image_size`` images."""
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
+    if image_size % down:
+        raise ValueError(f"cache image_size {image_size} must be divisible by the VAE's downsampling factor {down}")
+    return (vae.config.latent_channels, image_size // down, image_size // down)
+
+
+def _check_options(image_size: int, batch_size: int, shard_size: int, num_workers: int, dtype: str) -> None:
+    for name, value in (("image_size", image_size), ("batch_size", batch_size), ("shard_size", shard_size)):
+        if value < 1:
+            raise ValueError(f"cache {name} must be >= 1, got {value}")
+    if num_workers < 0:
+        raise ValueError(f"cache num_workers must be >= 0, got {num_workers}")
+    if dtype not in DTYPES:
+        raise ValueError(f"cache dtype must be one of {DTYPES}, got {dtype!r}")
+
+
+def finish_cache(out_dir: Path, items: ImageItems, vae: str, image_size: int, shard_size: int, dtype: str,
+                 latent_shape: tuple[int, int, int], seed: int) -> CacheMeta:
+    """Validate every shard, compute the latent scale and write ``meta.json`` (rank 0, after all shards exist)."""
+    c, h, w = latent_shape
+    shards = []
+    for k, r in enumerate(shard_ranges(len(items), shard_size)):
+        info = ShardInfo(*shard_files(k), count=len(r))
+        open_shard(out_dir, info, (2, 2 * c, h, w), dtype, check_values=False)
+        shards.append(info)
+    std = posterior_std(out_dir, shards, (2, 2 * c, h, w), dtype, seed)
+    meta = CacheMeta(latent_shape=latent_shape, dtype=dtype, num_items=len(items), shard_size=shard_size,
+                     shards=shards, class_names=list(items.classes), vae=vae, image_size=image_size,
+                     latent_scale=1.0 / std)
+    meta.write(out_dir)
+    return meta
+
+
+def cache_images(
+    image_root: str,
+    out_dir: str,
+    vae: str,
+    image_size: int = 256,
+    batch_size: int = 64,
+    num_workers: int = 4,
+    shard_size: int = 10000,
+    dtype: Literal["float16", "float32"] = "float32",
+    devices: int | str = "auto",
+    num_nodes: int = 1,
+    accelerator: str = "auto",
+    strategy: str = "ddp",
+    precision: str = "32-true",
+    seed: int = 0,
+) -> CacheMeta | None:
+    """Encode an ImageFolder into a latent cache (resumable; see the module docstring).
+
+    Args:
+        image_root: ImageFolder root: one subfolder of images per class (sorted names are the labels).
+        out_dir: Cache directory (created; shards already complete there are kept).
+        vae: Diffusers AutoencoderKL: hub id or local directory (e.g. made by ``lightning-ar convert-vae``).
+        image_size: Side of the ADM centre crop.
+        batch_size: Images per encoder batch (each is encoded with its mirror image).
+        num_workers: DataLoader workers per process for image decoding.
+        shard_size: Images per shard file.
+        dtype: Storage dtype of the moments: ``float16`` or ``float32``.
+        devices: Devices per node (Lightning Trainer ``devices``).
+        num_nodes: Number of nodes.
+        accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``, ...).
+        strategy: Lightning strategy (``ddp``; ``auto`` for one process).
+        precision: Lightning precision of the encoder (e.g. ``bf16-mixed`` on GPUs).
+        seed: Seed of the posterior samples that give the latent scale.
+
+    Returns:
+        The meta of the finished cache on global rank 0, ``None`` on other ranks.
+    """
+    _check_options(image_size, batch_size, shard_size, num_workers, dtype)
+    items = ImageItems(image_root, image_size)
+    encoder = MomentEncoder(vae)
+    latent_shape = latent_shape_of(encoder.vae, image_size)
+    c, h, w = latent_shape
+    data = ImageShardData(items, out_dir, shard_size, batch_size, num_workers, (2, 2 * c, h, w), dtype)
+    writer = ShardWriter(data)
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                        precision=precision, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        use_distributed_sampler=False, callbacks=[writer, ImagesPerSecondBar()])
+    trainer.predict(encoder, datamodule=data, return_predictions=False)
+    trainer.strategy.barrier("cache-written")
+    if trainer.global_rank != 0:
+        return None
+    left = sum(len(r) for r in data.missing().values())
+    if left:
+        raise RuntimeError(f"cache {out_dir}: {left} images still missing after encoding; re-run to finish")
+    rate = sum(len(r) for r in data.todo.values()) / max(time.perf_counter() - writer.started, 1e-9)
+    meta = finish_cache(Path(out_dir), items, vae, image_size, shard_size, dtype, latent_shape, seed)
+    print(f"cached {meta.num_items} images to {out_dir} ({rate:.1f} images/s), latent scale {meta.latent_scale:.6g}")
+    return meta
+
+
+def cache_parser():
+    """The jsonargparse parser of ``lightning-ar cache`` (``--config`` YAML plus one flag per option)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="lightning-ar cache", description=cache_images.__doc__.split("\n")[0],
+                            parser_mode="omegaconf")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
+    parser.add_function_arguments(cache_images)
+    return parser
+
+
+def cache_main(argv: list[str]) -> None:
+    """``lightning-ar cache [--config cache.yaml] [--image_root ...] ...``: parse the options and run."""
+    cfg = cache_parser().parse_args(argv)
+    options = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")}
+    cache_images(**options)
