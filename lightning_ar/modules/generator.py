@@ -105,7 +105,7 @@ class MARGenerator(L.LightningModule):
             raise ValueError(f"model.diffusion_batch_mul must be >= 1, got {hp.diffusion_batch_mul}")
         if not 0.0 < hp.mask_ratio_min <= 1.0:
             raise ValueError(f"model.mask_ratio_min must be in (0, 1], got {hp.mask_ratio_min}")
-        labels = torch.zeros(1, dtype=torch.long)
+        labels = torch.zeros(1, dtype=torch.long, device="cpu")  # a check, also when built on the meta device
         try:
             check_sampling_args(
                 labels, hp.num_classes, self.seq_len, hp.num_iter, hp.sampler, hp.cfg_schedule, hp.temperature

@@ -1,0 +1,416 @@
+"""Import of official MAR checkpoints (`lightning-ar import-mar`) and the ImageNet configs.
+
+The official layout is written out here from MAR's module structure (models/mar.py, models/diffloss.py) and checked
+against the reference shapes of MAR-B; a functional re-implementation of MAR's forward then checks that imported
+weights compute exactly what MAR computes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from conftest import save_generator_checkpoint
+from omegaconf import OmegaConf
+
+from lightning_ar import LatentDataModule, MARGenerator, OTRefinement
+from lightning_ar.checkpoints import MAR_LATENT_SCALE, MARSize, convert_state_dict, import_mar_checkpoint
+from lightning_ar.cli import _register_resolvers, build_cli, main
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = Path("/work/shared/reference/mar_state_dict_shapes.json")
+if not REFERENCE.is_file():
+    REFERENCE = REPO.parent / "shared" / "reference" / "mar_state_dict_shapes.json"
+TINY = MARSize(width=32, depth=2, num_heads=4, head_width=24, head_depth=2, cfg=2.0)
+TINY_LAYOUT = dict(width=32, depth=2, head_width=24, head_depth=2, token_dim=64, seq_len=64, buffer=4, classes=10)
+
+
+# --------------------------------------------------------------------------------------------- official layout
+def _block_shapes(prefix: str, w: int) -> dict[str, tuple[int, ...]]:
+    return {
+        f"{prefix}.norm1.weight": (w,), f"{prefix}.norm1.bias": (w,),
+        f"{prefix}.attn.qkv.weight": (3 * w, w), f"{prefix}.attn.qkv.bias": (3 * w,),
+        f"{prefix}.attn.proj.weight": (w, w), f"{prefix}.attn.proj.bias": (w,),
+        f"{prefix}.norm2.weight": (w,), f"{prefix}.norm2.bias": (w,),
+        f"{prefix}.mlp.fc1.weight": (4 * w, w), f"{prefix}.mlp.fc1.bias": (4 * w,),
+        f"{prefix}.mlp.fc2.weight": (w, 4 * w), f"{prefix}.mlp.fc2.bias": (w,),
+    }
+
+
+def _head_shapes(h: int, depth: int, w: int, token_dim: int) -> dict[str, tuple[int, ...]]:
+    p = "diffloss.net."
+    shapes = {
+        p + "time_embed.mlp.0.weight": (h, 256), p + "time_embed.mlp.0.bias": (h,),
+        p + "time_embed.mlp.2.weight": (h, h), p + "time_embed.mlp.2.bias": (h,),
+        p + "cond_embed.weight": (h, w), p + "cond_embed.bias": (h,),
+        p + "input_proj.weight": (h, token_dim), p + "input_proj.bias": (h,),
+        p + "final_layer.linear.weight": (2 * token_dim, h), p + "final_layer.linear.bias": (2 * token_dim,),
+        p + "final_layer.adaLN_modulation.1.weight": (2 * h, h), p + "final_layer.adaLN_modulation.1.bias": (2 * h,),
+    }
+    for i in range(depth):
+        b = f"{p}res_blocks.{i}."
+        shapes.update({
+            b + "in_ln.weight": (h,), b + "in_ln.bias": (h,), b + "mlp.0.weight": (h, h), b + "mlp.0.bias": (h,),
+            b + "mlp.2.weight": (h, h), b + "mlp.2.bias": (h,),
+            b + "adaLN_modulation.1.weight": (3 * h, h), b + "adaLN_modulation.1.bias": (3 * h,),
+        })
+    return shapes
+
+
+def official_layout(width, depth, head_width, head_depth, token_dim, seq_len, buffer, classes) -> dict:
+    """Names and shapes of MAR's state dict, written from its module structure."""
+    w = width
+    shapes = {
+        "fake_latent": (1, w), "encoder_pos_embed_learned": (1, seq_len + buffer, w), "mask_token": (1, 1, w),
+        "decoder_pos_embed_learned": (1, seq_len + buffer, w), "diffusion_pos_embed_learned": (1, seq_len, w),
+        "class_emb.weight": (classes, w), "z_proj.weight": (w, token_dim), "z_proj.bias": (w,),
+        "z_proj_ln.weight": (w,), "z_proj_ln.bias": (w,), "encoder_norm.weight": (w,), "encoder_norm.bias": (w,),
+        "decoder_embed.weight": (w, w), "decoder_embed.bias": (w,), "decoder_norm.weight": (w,),
+        "decoder_norm.bias": (w,),
+    }
+    for i in range(depth):
+        shapes.update(_block_shapes(f"encoder_blocks.{i}", w))
+        shapes.update(_block_shapes(f"decoder_blocks.{i}", w))
+    shapes.update(_head_shapes(head_width, head_depth, w, token_dim))
+    return shapes
+
+
+def random_official(seed: int = 0, **layout) -> dict[str, torch.Tensor]:
+    """A random official-layout state dict (norm weights around 1, everything else small and nonzero)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in official_layout(**{**TINY_LAYOUT, **layout}).items():
+        base = 1.0 if ("norm" in name or "_ln" in name) and name.endswith("weight") else 0.0
+        out[name] = base + 0.2 * torch.randn(shape, generator=g)
+    return out
+
+
+def _reference() -> dict:
+    return json.loads(REFERENCE.read_text())
+
+
+def test_official_layout_matches_reference_mar_base() -> None:
+    ref = _reference()["mar_base"]["state_dict"]
+    mine = official_layout(768, 12, 1024, 6, 16, 256, 64, 1000)
+    assert {k: list(v) for k, v in mine.items()} == ref
+
+
+@pytest.mark.parametrize("size", ["base", "large", "huge"])
+def test_reference_shapes_map_exactly(size: str) -> None:
+    """Every official key of MAR-B/L/H lands on a generator key of the same shape (meta tensors: no memory)."""
+    from lightning_ar.checkpoints import generator_hparams
+
+    entry = _reference()[f"mar_{size}"]
+    official = {k: torch.empty(v, device="meta") for k, v in entry["state_dict"].items()}
+    hparams = generator_hparams(official, size)
+    assert hparams["latent_shape"] == (16, 16, 16) and hparams["patch_size"] == 1 and hparams["buffer_size"] == 64
+    assert hparams["latent_scale"] == MAR_LATENT_SCALE
+    with torch.device("meta"):
+        generator = MARGenerator(**hparams)
+    converted = convert_state_dict(official, generator)
+    assert set(converted) == set(generator.state_dict())
+    assert sum(p.numel() for p in generator.parameters()) == entry["n_params"]
+
+
+# ------------------------------------------------------------------------ independent MAR forward (functional)
+def _ln(x, sd, name, affine=True):
+    weight, bias = (sd[f"{name}.weight"], sd[f"{name}.bias"]) if affine else (None, None)
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps=1e-6)
+
+
+def _lin(x, sd, name):
+    return F.linear(x, sd[f"{name}.weight"], sd[f"{name}.bias"])
+
+
+def _vit_block(x, sd, name, heads):
+    b, n, w = x.shape
+    qkv = _lin(_ln(x, sd, f"{name}.norm1"), sd, f"{name}.attn.qkv").reshape(b, n, 3, heads, w // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    attn = (q @ k.transpose(-2, -1) / math.sqrt(w // heads)).softmax(dim=-1)
+    x = x + _lin((attn @ v).transpose(1, 2).reshape(b, n, w), sd, f"{name}.attn.proj")
+    return x + _lin(F.gelu(_lin(_ln(x, sd, f"{name}.norm2"), sd, f"{name}.mlp.fc1")), sd, f"{name}.mlp.fc2")
+
+
+def mar_patchify(latents, p):
+    """MAR's patchify: ``n c (h p) (w q) -> n (h w) (c p q)``."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def mar_conditions(sd, tokens, mask, labels, buffer, depth, heads):
+    """MAR's forward_mae_encoder + forward_mae_decoder in eval mode (labels -1 = fake_latent)."""
+    b, seq_len, _ = tokens.shape
+    x = _lin(tokens, sd, "z_proj")
+    cls = torch.where((labels < 0)[:, None], sd["fake_latent"], sd["class_emb.weight"][labels.clamp(min=0)])
+    x = torch.cat([cls[:, None].expand(-1, buffer, -1), x], dim=1) + sd["encoder_pos_embed_learned"]
+    x = _ln(x, sd, "z_proj_ln")
+    keep = torch.cat([torch.ones(b, buffer, dtype=torch.bool), ~mask], dim=1)
+    x = x[keep].reshape(b, -1, x.shape[-1])
+    for i in range(depth):
+        x = _vit_block(x, sd, f"encoder_blocks.{i}", heads)
+    x = _lin(_ln(x, sd, "encoder_norm"), sd, "decoder_embed")
+    full = sd["mask_token"].expand(b, buffer + seq_len, -1).clone()
+    full[keep] = x.reshape(-1, x.shape[-1])
+    x = full + sd["decoder_pos_embed_learned"]
+    for i in range(depth):
+        x = _vit_block(x, sd, f"decoder_blocks.{i}", heads)
+    return _ln(x, sd, "decoder_norm")[:, buffer:] + sd["diffusion_pos_embed_learned"]
+
+
+def mar_head(sd, x, t, z, depth):
+    """MAR's SimpleMLPAdaLN (timestep embedding: cos then sin, 256 frequencies)."""
+    p = "diffloss.net."
+    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
+    args = t[:, None].float() * freqs[None]
+    t_emb = _lin(F.silu(_lin(torch.cat([torch.cos(args), torch.sin(args)], -1), sd, p + "time_embed.mlp.0")), sd,
+                 p + "time_embed.mlp.2")
+    y = t_emb + _lin(z, sd, p + "cond_embed")
+    h = _lin(x, sd, p + "input_proj")
+    for i in range(depth):
+        b = f"{p}res_blocks.{i}."
+        shift, scale, gate = _lin(F.silu(y), sd, b + "adaLN_modulation.1").chunk(3, dim=-1)
+        inner = _ln(h, sd, b + "in_ln") * (1 + scale) + shift
+        h = h + gate * _lin(F.silu(_lin(inner, sd, b + "mlp.0")), sd, b + "mlp.2")
+    shift, scale = _lin(F.silu(y), sd, p + "final_layer.adaLN_modulation.1").chunk(2, dim=-1)
+    return _lin(_ln(h, sd, "", affine=False) * (1 + scale) + shift, sd, p + "final_layer.linear")
+
+
+# ----------------------------------------------------------------------------------------------- tiny imports
+@pytest.fixture(scope="module")
+def tiny_import(tmp_path_factory) -> tuple[dict, Path, Path]:
+    """A tiny official-layout checkpoint (16x16x16 latents, patch 2: 64 tokens of dim 64) imported to a .ckpt."""
+    root = tmp_path_factory.mktemp("import")
+    model, ema = random_official(0), random_official(1)
+    source = root / "checkpoint-last.pth"
+    torch.save({"model": model, "model_ema": ema, "epoch": 799}, source)
+    out = import_mar_checkpoint(source, TINY, root / "tiny.ckpt")
+    return ema, source, out
+
+
+def _inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(3, 16, 16, 16, generator=g)
+    order = torch.stack([torch.randperm(64, generator=g) for _ in range(3)])
+    mask = torch.zeros(3, 64, dtype=torch.bool).scatter_(1, order[:, :40], True)
+    return latents, mask, torch.tensor([2, 7, -1])
+
+
+def test_imported_generator_computes_mar_forward(tiny_import) -> None:
+    """Our transformer and head on imported weights equal an independent implementation of MAR's forward."""
+    official, _, out = tiny_import
+    gen = MARGenerator.load_from_checkpoint(out, map_location="cpu").eval()
+    assert gen.hparams.patch_size == 2 and gen.latent_shape == (16, 16, 16)
+    latents, mask, labels = _inputs()
+    with torch.no_grad():
+        ours = gen.mar(patchify_ours(latents), mask, labels)
+        ref = mar_conditions(official, mar_patchify(latents, 2), mask, labels, buffer=4, depth=2, heads=4)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+        z, t = ref[mask][:8], torch.tensor([0, 1, 10, 99, 250, 500, 990, 999])
+        x_official = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))  # (c p q) token layout
+        head_ref = mar_head(official, x_official, t, z, depth=2)  # (8, 128): noise then variance, (c p q)
+        perm = ours_to_official_index()
+        head_ours = gen.head.net(x_official[:, perm], t, z)
+        torch.testing.assert_close(head_ours, torch.cat([head_ref[:, :64][:, perm], head_ref[:, 64:][:, perm]], 1),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def patchify_ours(latents):
+    from lightning_ar.nn.mar import patchify
+
+    return patchify(latents, 2)
+
+
+def ours_to_official_index() -> torch.Tensor:
+    """Index of each of our ``(p q c)`` token coordinates in MAR's ``(c p q)`` layout, found from patchify itself."""
+    probe = torch.arange(16 * 2 * 2, dtype=torch.float32).reshape(1, 16, 2, 2)  # one patch, values = flat index
+    official, ours = mar_patchify(probe, 2)[0, 0], patchify_ours(probe)[0, 0]
+    return torch.stack([(official == v).nonzero()[0, 0] for v in ours])
+
+
+def test_round_trip_preserves_conditions_and_every_parameter(tiny_import) -> None:
+    official, _, out = tiny_import
+    fresh = MARGenerator(**torch.load(out, weights_only=False)["hyper_parameters"])
+    fresh.load_state_dict(convert_state_dict(official, fresh))
+    loaded = MARGenerator.load_from_checkpoint(out, map_location="cpu")
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    latents, mask, labels = _inputs(1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval().mar(patchify_ours(latents), mask, labels),
+                                   fresh.eval().mar(patchify_ours(latents), mask, labels), rtol=0, atol=0)
+    checkpoint = torch.load(out, weights_only=False)
+    assert {"state_dict", "hyper_parameters", "pytorch-lightning_version"} <= set(checkpoint)
+
+
+def test_default_is_ema_and_model_selectable(tiny_import, tmp_path) -> None:
+    ema, source, out = tiny_import
+    model_out = import_mar_checkpoint(source, TINY, tmp_path / "model.ckpt", which="model")
+    ema_sd = torch.load(out, weights_only=False)["state_dict"]
+    model_sd = torch.load(model_out, weights_only=False)["state_dict"]
+    assert torch.equal(ema_sd["mar.null_class_emb"], ema["fake_latent"])
+    assert torch.equal(model_sd["mar.null_class_emb"], torch.load(source)["model"]["fake_latent"])
+
+
+def test_missing_ema_falls_back_to_model_with_message(tmp_path, capsys) -> None:
+    model = random_official(0)
+    torch.save({"model": model, "model_ema": None}, tmp_path / "c.pth")
+    out = import_mar_checkpoint(tmp_path / "c.pth", TINY, tmp_path / "c.ckpt")
+    assert "no 'model_ema'" in capsys.readouterr().err
+    assert torch.equal(torch.load(out, weights_only=False)["state_dict"]["mar.mask_token"], model["mask_token"])
+
+
+def test_refinement_accepts_imported_checkpoint(tiny_import) -> None:
+    refinement = OTRefinement(generator=str(tiny_import[2]), bank_capacity=8, heldout_capacity=8)
+    assert refinement.mar_generator.hparams.latent_scale == MAR_LATENT_SCALE
+    assert refinement.bank.conditions.shape[0] == 64  # one bank per AR step (num_iter 64)
+
+
+# ------------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda sd: sd.pop("decoder_norm.bias"), r"missing keys \['decoder_norm.bias'\]"),
+        (lambda sd: sd.update({"mask_token": torch.zeros(1, 1, 31)}), r"wrong shapes \['mask_token \(1, 1, 31\)"),
+        (lambda sd: sd.update({"extra.weight": torch.zeros(1)}), r"unused keys \['extra.weight'\]"),
+        (lambda sd: sd.pop("diffloss.net.res_blocks.1.in_ln.weight"), "diffloss.net.res_blocks.1.in_ln.weight"),
+    ],
+)
+def test_mismatch_names_the_keys(edit, message, tmp_path) -> None:
+    sd = random_official(0)
+    edit(sd)
+    torch.save({"model_ema": sd}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=message):
+        import_mar_checkpoint(tmp_path / "bad.pth", TINY, tmp_path / "bad.ckpt")
+    assert not (tmp_path / "bad.ckpt").exists()
+
+
+def test_wrong_size_and_bad_files(tmp_path) -> None:
+    torch.save({"model_ema": random_official(0)}, tmp_path / "tiny.pth")
+    with pytest.raises(ValueError, match=r"--size base expects .*\(768, 12, 12, 1024, 6\).*has \(32, 2, 2, 24, 2\)"):
+        main(["import-mar", "--checkpoint", str(tmp_path / "tiny.pth"), "--size", "base", "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="--checkpoint"):
+        import_mar_checkpoint(tmp_path / "absent.pth", "base", tmp_path / "o.ckpt")
+    torch.save({"optimizer": {}}, tmp_path / "empty.pth")
+    with pytest.raises(ValueError, match="no 'model_ema' state dict"):
+        import_mar_checkpoint(tmp_path / "empty.pth", "base", tmp_path / "o.ckpt")
+    with pytest.raises(ValueError, match="--size must be one of"):
+        import_mar_checkpoint(tmp_path / "tiny.pth", "giant", tmp_path / "o.ckpt")
+
+
+@pytest.mark.slow
+def test_cli_imports_full_size_mar_base(tmp_path) -> None:
+    """`lightning-ar import-mar` on a MAR-B-layout checkpoint (208M parameters): every tensor lands once, intact."""
+    shapes = _reference()["mar_base"]["state_dict"]
+    official = {name: torch.full(shape, float(i)) for i, (name, shape) in enumerate(shapes.items())}
+    torch.save({"model": {}, "model_ema": official, "args": __import__("argparse").Namespace(model="mar_base")},
+               tmp_path / "checkpoint-last.pth")
+    main(["import-mar", "--checkpoint", str(tmp_path / "checkpoint-last.pth"), "--size", "base",
+          "--out", str(tmp_path / "mar_base.ckpt")])
+    gen = MARGenerator.load_from_checkpoint(tmp_path / "mar_base.ckpt", map_location="cpu")
+    values = {}
+    for name, tensor in gen.state_dict().items():
+        assert tensor.min() == tensor.max(), name  # one official tensor, not a mix
+        values[name] = int(tensor.flatten()[0])
+    assert sorted(values.values()) == list(range(len(shapes)))  # every official tensor used exactly once
+    index = {name: i for i, name in enumerate(shapes)}
+    expected = {
+        "mar.null_class_emb": "fake_latent", "mar.encoder_pos_embed": "encoder_pos_embed_learned",
+        "mar.diffusion_pos_embed": "diffusion_pos_embed_learned", "mar.encoder_blocks.11.attn.qkv.weight":
+        "encoder_blocks.11.attn.qkv.weight", "head.net.blocks.5.norm.bias": "diffloss.net.res_blocks.5.in_ln.bias",
+        "head.net.blocks.0.modulation.1.weight": "diffloss.net.res_blocks.0.adaLN_modulation.1.weight",
+        "head.net.final.linear.weight": "diffloss.net.final_layer.linear.weight",
+        "head.net.final.modulation.1.bias": "diffloss.net.final_layer.adaLN_modulation.1.bias",
+    }
+    assert {ours: values[ours] for ours in expected} == {ours: index[off] for ours, off in expected.items()}
+    assert gen.hparams.cfg == 2.9 and gen.hparams.width == 768 and gen.hparams.head_depth == 6
+
+
+# ------------------------------------------------------------------------------------------------ configs
+PUBLISHED = {  # width, depth, heads, head width, head depth, cfg, epochs
+    "imagenet256/mar_base.yaml": (768, 12, 12, 1024, 6, 2.9, 400),
+    "imagenet256/mar_large.yaml": (1024, 16, 16, 1280, 8, 3.0, 800),
+    "imagenet256/mar_huge.yaml": (1280, 20, 16, 1536, 12, 3.2, 800),
+    "imagenet512/mar_large.yaml": (1024, 16, 16, 1280, 8, 3.0, 800),
+}
+
+
+IMAGENET = [REPO / "configs" / name for name in [*PUBLISHED, "imagenet256/refine_mar_base.yaml"]]
+
+
+def _name(path: Path) -> str:
+    return str(path.relative_to(REPO / "configs"))
+
+
+def test_imagenet_configs_found() -> None:
+    assert all(path.is_file() for path in IMAGENET)
+
+
+def _on_gmm(config: Path, tmp_path: Path) -> Path:
+    """The config with its data section swapped for the embedded gmm source (the latent cache does not exist here)."""
+    text = yaml.safe_load(config.read_text())
+    text["data"] = {"source": "gmm", "batch_size": 8}
+    path = tmp_path / config.name
+    path.write_text(yaml.safe_dump(text))
+    return path
+
+
+def _resolved(config: str) -> dict:
+    _register_resolvers()
+    return OmegaConf.to_container(OmegaConf.load(REPO / "configs" / config), resolve=True)
+
+
+@pytest.mark.parametrize("config", sorted(PUBLISHED), ids=str)
+def test_imagenet_generator_config_has_published_recipe(config: str) -> None:
+    resolved = _resolved(config)
+    trainer, hp = resolved["trainer"], resolved["model"]["init_args"]
+    width, depth, heads, head_width, head_depth, cfg, epochs = PUBLISHED[config]
+    assert (hp["width"], hp["encoder_depth"], hp["decoder_depth"], hp["num_heads"]) == (width, depth, depth, heads)
+    assert (hp["head_width"], hp["head_depth"], hp["cfg"]) == (head_width, head_depth, cfg)
+    assert trainer["max_epochs"] == epochs
+    assert (hp["buffer_size"], hp["dropout"], hp["diffusion_batch_mul"], hp["num_iter"]) == (64, 0.1, 4, 64)
+    assert hp["patch_size"] == (2 if "512" in config else 1)
+    assert (trainer["precision"], trainer["strategy"], trainer["num_nodes"], trainer["gradient_clip_val"]) == (
+        "bf16-mixed", "ddp", 1, 3.0)
+    assert trainer["callbacks"][0]["init_args"]["decay"] == 0.9999
+    assert resolved["data"]["cache_dir"] and resolved["data"]["batch_size"] == 64
+
+
+@pytest.mark.parametrize("config", sorted(PUBLISHED), ids=str)
+def test_imagenet_generator_config_runs_through_cli(config: str, tmp_path: Path) -> None:
+    """The whole config through the CLI (tiny debug model, gmm data instead of the cache): resolvers, trainer, EMA."""
+    args = ["--config", str(_on_gmm(REPO / "configs" / config, tmp_path)), "--config", str(REPO / "configs/debug.yaml")]
+    cli = build_cli(args + ["--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert isinstance(cli.model, MARGenerator)
+    assert cli.trainer.callbacks[0].__class__.__name__ == "EMAWeightAveraging"
+    optim = cli.model.configure_optimizers()
+    assert optim["optimizer"].defaults["lr"] == pytest.approx(1e-4 * 2048 / 256)
+    assert optim["optimizer"].defaults["betas"] == (0.9, 0.95) and optim["optimizer"].defaults["weight_decay"] == 0.02
+    assert optim["lr_scheduler"]["scheduler"].total_iters == 100 * 626
+    assert optim["lr_scheduler"]["interval"] == "step"
+
+
+def test_refine_config_parses(tmp_path: Path) -> None:
+    path = _on_gmm(REPO / "configs/imagenet256/refine_mar_base.yaml", tmp_path)
+    ckpt = save_generator_checkpoint(tmp_path / "gen.ckpt", "gmm")
+    cli = build_cli(["--config", str(path), "--model.init_args.generator", ckpt,
+                     "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert isinstance(cli.model, OTRefinement)
+    assert yaml.safe_load((REPO / "configs/imagenet256/refine_mar_base.yaml").read_text())["data"]["latent_scale"] == (
+        MAR_LATENT_SCALE)
+
+
+@pytest.mark.skipif("cache_dir" not in inspect.signature(LatentDataModule).parameters,
+                    reason="LatentDataModule has no cache_dir yet")
+@pytest.mark.parametrize("config", IMAGENET, ids=_name)
+def test_imagenet_config_print_config(config: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "cache_dir" in capsys.readouterr().out
