@@ -1,14 +1,17 @@
-"""Callbacks: sample metrics and results tables, sample grids, prediction writer, theory monitors."""
+"""Callbacks: ADM .npz gathering, sample metrics and tables, sample grids, prediction writer, theory monitors."""
 
+from lightning_ar.callbacks.adm_npz import AdmNpzWriter, gather_adm_npz
 from lightning_ar.callbacks.generation_metrics import GenerationMetrics
 from lightning_ar.callbacks.sample_grid import SampleGrid
 from lightning_ar.callbacks.sample_writer import SampleWriter
 from lightning_ar.callbacks.theory import ConditionalScoreNormMonitor, SinkhornDivergenceMonitor
 
 __all__ = [
+    "AdmNpzWriter",
     "ConditionalScoreNormMonitor",
     "GenerationMetrics",
     "SampleGrid",
     "SampleWriter",
     "SinkhornDivergenceMonitor",
+    "gather_adm_npz",
 ]

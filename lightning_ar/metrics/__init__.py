@@ -9,13 +9,20 @@ from lightning_ar.metrics.digits_classifier import (
     train_digits_classifier,
 )
 from lightning_ar.metrics.gmm import GMMEvaluator
+from lightning_ar.metrics.image_quality import ImageQualityEvaluator, InceptionFeatures, evaluate_npz
+from lightning_ar.metrics.precision_recall import ImprovedPrecisionRecall, precision_recall
 
 __all__ = [
     "ConditionalAccuracy",
     "DigitsClassifier",
     "DigitsEvaluator",
     "GMMEvaluator",
+    "ImageQualityEvaluator",
+    "ImprovedPrecisionRecall",
+    "InceptionFeatures",
     "SampleEvaluator",
+    "evaluate_npz",
     "load_or_train_digits_classifier",
+    "precision_recall",
     "train_digits_classifier",
 ]
