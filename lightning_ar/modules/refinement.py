@@ -106,7 +106,7 @@ class OTRefinement(L.LightningModule):
         flow_steps: int = 2,
         flow_eta: float = 0.3,
         flow_blur: float = 0.5,
-        flow_scaling: float = 0.9,
+        flow_scaling: float = 0.5,
         flow_lam: float = 0.0,
         label_weight: float = 100.0,
         target_size: int = 1024,
@@ -220,7 +220,7 @@ class OTRefinement(L.LightningModule):
         return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
 
     # ------------------------------------------------------------------------------------------ sampling
-    def _hook(self, mode: str) -> FlowRefiner | AmortizedHook | None:
+    def _hook(self, mode: str, record_trace: bool = False) -> FlowRefiner | AmortizedHook | None:
         if mode not in MODES:
             raise ValueError(f"refine must be one of {MODES}, got {mode!r}")
         if mode == "none":
@@ -228,7 +228,7 @@ class OTRefinement(L.LightningModule):
         if mode == "amortized":
             return AmortizedHook(self.refiner)
         return FlowRefiner(self.bank, self.flow, self._num_classes, self.mar_generator.seq_len,
-                           self.hparams.seed, self.null)
+                           self.hparams.seed, self.null, record_trace)
 
     @torch.no_grad()
     def generate(
@@ -248,7 +248,7 @@ class OTRefinement(L.LightningModule):
         num_iter = kwargs.get("num_iter") or self.mar_generator.hparams.num_iter
         if num_iter != len(self.schedule):
             raise ValueError(f"num_iter={num_iter} but the condition bank was built for num_iter={len(self.schedule)}")
-        hook = self._hook(refine or self.hparams.mode)
+        hook = self._hook(refine or self.hparams.mode, record_trace=trace is not None)
         latents = self.mar_generator.generate(labels, generator=generator, trace=trace, refiner=hook, **kwargs)
         self.last_generation_stats = {"refine_seconds": hook.stats.seconds if hook is not None else 0.0}
         if trace is not None:

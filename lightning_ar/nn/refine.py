@@ -158,6 +158,7 @@ def sinkhorn_flow(
     b: Tensor | None = None,
     extra_src: Tensor | None = None,
     extra_tgt: Tensor | None = None,
+    final_value: bool = True,
 ) -> RefinementResult:
     """Explicit Wasserstein gradient flow of ``S_eps(C, Y) + lam/2 * mean ||C - C0||^2`` (SPEC 2.3).
 
@@ -177,9 +178,11 @@ def sinkhorn_flow(
         b: ``[M]`` target weights summing to 1 (uniform when ``None``).
         extra_src: ``[N, E]`` fixed feature columns appended to ``C`` for the divergence, never moved.
         extra_tgt: ``[M, E]`` fixed feature columns appended to ``Y``.
+        final_value: Also evaluate the divergence after the last step (one more Sinkhorn solve, a measurement
+            only); without it the trace holds the ``K`` values before each step.
 
     Returns:
-        :class:`RefinementResult` with ``[N, D]`` conditions and the ``[K+1]`` divergence trace.
+        :class:`RefinementResult` with ``[N, D]`` conditions and the ``[K+1]`` (or ``[K]``) divergence trace.
     """
     _check_clouds(c0, target)
     _check_flow_args(steps, eta, lam, a, len(c0))
@@ -199,10 +202,12 @@ def sinkhorn_flow(
             value, grad = _value_and_grad(c, y, extra, blur, scaling, a, b)
             trace.append(value)
             c = c - eta * (grad * inv_a + lam * (c - init))  # (N, D)
-        trace.append(_value_and_grad(c, y, extra, blur, scaling, a, b)[0])
+        if final_value:
+            trace.append(_value_and_grad(c, y, extra, blur, scaling, a, b)[0])
     if not torch.isfinite(c).all():
         raise ValueError(f"the flow diverged (non-finite conditions); reduce eta={eta} or lam={lam}")
-    return RefinementResult(conditions=c.to(c0.dtype), trace=torch.stack(trace))
+    trace = torch.stack(trace) if trace else init.new_zeros(0)
+    return RefinementResult(conditions=c.to(c0.dtype), trace=trace)
 
 
 @dataclass
@@ -269,6 +274,7 @@ def refine_conditions(
     scaling: float = 0.9,
     lam: float = 0.0,
     label_weight: float | None = None,
+    final_value: bool = True,
 ) -> RefinementResult:
     """Class- and position-aware Sinkhorn flow of ``z`` toward ``target``.
 
@@ -292,6 +298,7 @@ def refine_conditions(
         lam: Strength of the proximity term.
         label_weight: Scale of the one-hot features; ``None`` picks the diameter of both clouds (at least
             ``10 * blur``), which makes crossing a group costlier than any move within one.
+        final_value: Measure the divergence after the last step too (see :func:`sinkhorn_flow`).
 
     Returns:
         :class:`RefinementResult`; the trace is all zeros when no point has target mass.
@@ -303,11 +310,12 @@ def refine_conditions(
                              blur, label_weight)
     out, unmoved = z.clone(), int((~clouds.keep).sum())
     if clouds.src is None:
-        return RefinementResult(conditions=out, trace=z.new_zeros(steps + 1, dtype=torch.float32), unmoved=unmoved)
+        length = steps + int(final_value)
+        return RefinementResult(conditions=out, trace=z.new_zeros(length, dtype=torch.float32), unmoved=unmoved)
     keep, used, a, b, src, tgt = clouds.keep, clouds.used, clouds.a, clouds.b, clouds.src, clouds.tgt
     d = z.shape[1]
     result = sinkhorn_flow(
-        z[keep], target[used], steps, eta, blur, scaling, lam, a[keep], b[used], src[:, d:], tgt[:, d:]
+        z[keep], target[used], steps, eta, blur, scaling, lam, a[keep], b[used], src[:, d:], tgt[:, d:], final_value
     )
     out[keep] = result.conditions
     return RefinementResult(conditions=out, trace=result.trace, unmoved=unmoved)

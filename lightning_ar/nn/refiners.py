@@ -29,7 +29,8 @@ class FlowSettings:
         steps: Flow steps ``K`` per AR step.
         eta: Step size.
         blur: Sinkhorn blur (entropic scale, in condition units).
-        scaling: epsilon-scaling factor of geomloss.
+        scaling: epsilon-scaling factor of geomloss (its default 0.5: on digits the held-out divergence reduction
+            is the same as with 0.9, 0.378 vs 0.381, at a quarter of the cost).
         lam: Proximity weight ``lambda`` to the produced conditions.
         label_weight: Weight of the appended class/position one-hots (large: no transport across groups);
             ``None`` uses the diameter of the two clouds.
@@ -39,7 +40,7 @@ class FlowSettings:
     steps: int = 2
     eta: float = 0.3
     blur: float = 0.5
-    scaling: float = 0.9
+    scaling: float = 0.5
     lam: float = 0.0
     label_weight: float | None = None
     target_size: int = 1024
@@ -102,6 +103,8 @@ class FlowRefiner:
         seq_len: Tokens per image (for the position one-hot).
         seed: Seed of the target subsampling (the same targets for the same seed).
         null_bank: Optional bank of null-class conditions; when given, :meth:`refine_null` refines the null branch.
+        record_trace: Measure the divergence after the last flow step too (for a :class:`GenerationTrace`; costs
+            one more Sinkhorn solve per AR step).
     """
 
     def __init__(
@@ -112,8 +115,10 @@ class FlowRefiner:
         seq_len: int,
         seed: int = 0,
         null_bank: ConditionBank | None = None,
+        record_trace: bool = True,
     ) -> None:
         self.bank, self.settings, self.num_classes, self.seq_len = bank, settings, num_classes, seq_len
+        self.record_trace = record_trace
         self.seed, self.null_bank, self.stats = seed, null_bank, HookStats()
         self.refine_null = null_bank is not None
 
@@ -124,6 +129,7 @@ class FlowRefiner:
         return refine_conditions(
             z, labels, positions, target, t_labels, t_positions, classes, self.seq_len,
             steps=s.steps, eta=s.eta, blur=s.blur, scaling=s.scaling, lam=s.lam, label_weight=s.label_weight,
+            final_value=self.record_trace,
         )
 
     def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
