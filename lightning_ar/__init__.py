@@ -1,13 +1,25 @@
 """lightning-ar: masked autoregressive image generation with a per-token diffusion loss, as Lightning modules."""
 
 from lightning_ar.callbacks import (
+    AdmNpzWriter,
     ConditionalScoreNormMonitor,
     GenerationMetrics,
     SampleGrid,
     SampleWriter,
     SinkhornDivergenceMonitor,
 )
-from lightning_ar.data import DigitsSource, GMMSource, LatentDataModule, LatentSource
+from lightning_ar.checkpoints import import_mar_checkpoint
+from lightning_ar.data import (
+    CacheSource,
+    DigitsSource,
+    GMMSource,
+    LatentDataModule,
+    LatentSource,
+    convert_ldm_kl16,
+    load_vae,
+    validate_cache,
+)
+from lightning_ar.metrics import ImageQualityEvaluator, evaluate_npz
 from lightning_ar.modules import MARGenerator, OTRefinement
 from lightning_ar.nn import DiffusionLoss, GenerationTrace, MaskedAutoregressiveTransformer, StepRecord
 from lightning_ar.nn.refine import AmortizedRefiner, ConditionBank, RefinementResult, refine_conditions, sinkhorn_flow
@@ -15,6 +27,14 @@ from lightning_ar.nn.refine import AmortizedRefiner, ConditionBank, RefinementRe
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdmNpzWriter",
+    "CacheSource",
+    "ImageQualityEvaluator",
+    "convert_ldm_kl16",
+    "evaluate_npz",
+    "import_mar_checkpoint",
+    "load_vae",
+    "validate_cache",
     "AmortizedRefiner",
     "ConditionBank",
     "ConditionalScoreNormMonitor",

@@ -58,6 +58,7 @@ TOOLS: dict[str, str] = {
     "cache": "lightning_ar.data.cache:cache_main",
     "import-mar": "lightning_ar.checkpoints.import_mar:import_main",
     "convert-vae": "lightning_ar.data.vae:convert_main",
+    "evaluate": "lightning_ar.metrics.image_quality:evaluate_main",
 }
 
 
@@ -68,8 +69,7 @@ def _tool(name: str) -> Callable[[list[str]], None]:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lightning-ar``: ``fit|validate|test|predict`` (LightningCLI) and the tools ``cache``,
-    ``convert-vae``,
-    ``import-mar`` (each with its own ``--help``)."""
+    ``convert-vae``, ``import-mar`` and ``evaluate`` (each with its own ``--help``)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in TOOLS:
         _tool(argv[0])(argv[1:])
