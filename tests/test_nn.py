@@ -134,8 +134,16 @@ def test_head_sampler_recovers_a_point_mass(sampler: str) -> None:
     head = DiffusionLoss(token_dim=4, cond_dim=8, width=16, depth=1, learn_sigma=False)
 
     class Oracle(torch.nn.Module):
-        def forward(self, x, t, z):
-            ab = head.alphas_cumprod[t][:, None]
+        """The denoiser interface the samplers use: embedded condition (0) + embedded timestep (t itself)."""
+
+        def cond_embed(self, z):
+            return z.new_zeros(z.shape[0], 1)
+
+        def time_embed(self, t):
+            return t.float()[:, None]
+
+        def forward_embedded(self, x, c):
+            ab = head.alphas_cumprod[c[:, 0].round().long()][:, None]
             return (x - ab.sqrt() * mu) / (1 - ab).sqrt()  # the exact epsilon of x_t for x_0 = mu
 
     head.net = Oracle()

@@ -112,7 +112,13 @@ class AdaLNMLPDenoiser(nn.Module):
         Returns:
             ``[N, 2*token_dim]`` (noise, variance interpolation in ``[-1, 1]``) or ``[N, token_dim]``.
         """
-        c = self.time_embed(t) + self.cond_embed(z)  # (N, W)
+        return self.forward_embedded(x, self.time_embed(t) + self.cond_embed(z))
+
+    def forward_embedded(self, x: Tensor, c: Tensor) -> Tensor:
+        """Denoiser output from a ready conditioning vector ``c`` ``[N, width]`` (``time_embed(t) + cond_embed(z)``).
+
+        Samplers use it to embed the conditions once per AR step and the (shared) timestep once per denoising step.
+        """
         h = self.input_proj(x)  # (N, W)
         for block in self.blocks:
             h = block(h, c)

@@ -133,17 +133,18 @@ class DiffusionLoss(nn.Module):
         nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var).mean(dim=-1) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
-    def _denoise(self, x: Tensor, t: int, z: Tensor, cfg: float) -> tuple[Tensor, Tensor | None]:
+    def _denoise(self, x: Tensor, t: int, cond: Tensor, cfg: float) -> tuple[Tensor, Tensor | None]:
         """Noise ``[N, D]`` and variance interpolation for one step.
 
-        ``z`` is ``[N, C]``, or ``[2N, C]`` (conditional rows then null rows) for classifier-free guidance; the
-        guided variance is the conditional branch's.
+        ``cond`` is the embedded condition ``net.cond_embed(z)``: ``[N, W]``, or ``[2N, W]`` (conditional rows then
+        null rows) for classifier-free guidance; the guided variance is the conditional branch's. The timestep is
+        embedded once and broadcast (every row shares it).
         """
         n = x.shape[0]
-        guided = z.shape[0] == 2 * n
+        guided = cond.shape[0] == 2 * n
         x_in = torch.cat([x, x]) if guided else x  # (N or 2N, D)
-        t_in = torch.full((x_in.shape[0],), t, device=x.device, dtype=torch.long)
-        out = self.net(x_in, t_in, z).float()  # (N or 2N, 2D)
+        t_emb = self.net.time_embed(torch.full((1,), t, device=x.device, dtype=torch.long))  # (1, W)
+        out = self.net.forward_embedded(x_in, cond + t_emb).float()  # (N or 2N, 2D)
         eps, v = out[:, : self.token_dim], (out[:, self.token_dim :] if self.learn_sigma else None)
         if guided:
             eps = eps[n:] + cfg * (eps[:n] - eps[n:])
@@ -210,12 +211,13 @@ class DiffusionLoss(nn.Module):
             raise ValueError(f"num_sampling_steps must be in [1, {self.num_train_timesteps}], got {num_steps}")
         scheduler = self._scheduler(sampler, num_steps, z.device)
         z_in = torch.cat([z, z_null]) if z_null is not None else z  # (N or 2N, C)
+        cond = self.net.cond_embed(z_in)  # (N or 2N, W), embedded once per AR step
         x = torch.randn(z.shape[0], self.token_dim, device=z.device, generator=generator)  # (N, D)
         if sampler != "ddpm":
             x = x * temperature
         timesteps = [int(t) for t in scheduler.timesteps]
         for i, t in enumerate(timesteps):
-            eps, v = self._denoise(x, t, z_in, cfg)
+            eps, v = self._denoise(x, t, cond, cfg)
             if sampler != "ddpm":
                 x = scheduler.step(eps, t, x).prev_sample
                 continue
