@@ -1,7 +1,9 @@
-"""Callbacks: ADM .npz gathering, sample metrics and tables, sample grids, prediction writer, theory monitors."""
+"""Callbacks: ADM .npz gathering, sample metrics and tables, sample grids, prediction writer, theory monitors,
+non-finite loss policy."""
 
 from lightning_ar.callbacks.adm_npz import AdmNpzWriter, gather_adm_npz
 from lightning_ar.callbacks.generation_metrics import GenerationMetrics
+from lightning_ar.callbacks.nonfinite import NonFiniteLoss, NonFiniteLossError
 from lightning_ar.callbacks.sample_grid import SampleGrid
 from lightning_ar.callbacks.sample_writer import SampleWriter
 from lightning_ar.callbacks.theory import ConditionalScoreNormMonitor, SinkhornDivergenceMonitor
@@ -10,6 +12,8 @@ __all__ = [
     "AdmNpzWriter",
     "ConditionalScoreNormMonitor",
     "GenerationMetrics",
+    "NonFiniteLoss",
+    "NonFiniteLossError",
     "SampleGrid",
     "SampleWriter",
     "SinkhornDivergenceMonitor",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from lightning_ar.data.cache_source import CacheSource, EpochSampler
+from lightning_ar.data.samplers import BlockSampler, shuffled_sampler
 from lightning_ar.data.sources import LatentSource, make_source
 from lightning_ar.metrics.base import SampleEvaluator
 
@@ -141,20 +142,25 @@ class LatentDataModule(L.LightningDataModule):
         latents, labels = self.source.split(split)
         return TensorDataset(latents * self._latent_scale, labels)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        sampler = self._epoch_sampler(dataset, shuffle) if self.cache is not None else None
+    def _loader(self, dataset: Dataset, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
+        if sampler is None and self.cache is not None:
+            sampler = self._epoch_sampler(dataset, shuffle)
+        elif sampler is None and shuffle:
+            sampler = shuffled_sampler(dataset, *self._world_rank(), seed=self.seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle if sampler is None else None,
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
-    def _epoch_sampler(self, dataset: Dataset, shuffle: bool) -> EpochSampler:
+    def _world_rank(self) -> tuple[int, int]:
         trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _epoch_sampler(self, dataset: Dataset, shuffle: bool) -> EpochSampler:
+        world, rank = self._world_rank()
         return EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:
@@ -167,4 +173,5 @@ class LatentDataModule(L.LightningDataModule):
         return self._loader(self._dataset("test"), shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(LabelDataset(self.num_classes, self.predict_per_class), shuffle=False)
+        labels = LabelDataset(self.num_classes, self.predict_per_class)
+        return self._loader(labels, shuffle=False, sampler=BlockSampler(labels, self.batch_size, *self._world_rank()))

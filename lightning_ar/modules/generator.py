@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lightning_ar.modules.optim import adamw_param_groups, default_optimizer
-from lightning_ar.modules.utils import check_latent_shape, eval_mode
+from lightning_ar.modules.utils import check_latent_shape, check_state_shapes, eval_mode, fork_rng, step_seeds
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
 from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, patchify, unpatchify
 from lightning_ar.nn.masking import mask_from_orders, num_masked_for_training, random_orders, sample_mask_ratio
@@ -49,6 +49,9 @@ class MARGenerator(L.LightningModule):
         temperature: Default sampling temperature.
         num_sampling_steps: Default denoising steps of the head per AR step (MAR: 100).
         sampler: Default head sampler: ``ddpm``, ``ddim`` or ``dpm++``.
+        seed: Base seed of the training randomness: step ``s`` on process ``r`` draws mask ratio, orders, label drop,
+            timesteps, noise and dropout from seeds derived from ``(seed, s, r)``, so a resumed run repeats exactly
+            what an uninterrupted one does, whatever the state of the global RNG.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class MARGenerator(L.LightningModule):
         temperature: float = 1.0,
         num_sampling_steps: int = 100,
         sampler: str = "ddpm",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -99,6 +103,14 @@ class MARGenerator(L.LightningModule):
             raise ValueError(f"model.num_classes must be >= 1, got {hp.num_classes}")
         if not hp.latent_scale > 0:
             raise ValueError(f"model.latent_scale must be > 0, got {hp.latent_scale}")
+        for name in ("encoder_depth", "decoder_depth", "num_heads", "head_depth", "head_width", "buffer_size"):
+            if int(hp[name]) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {hp[name]}")
+        for name in ("dropout", "label_drop_prob"):
+            if not 0.0 <= hp[name] < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1), got {hp[name]}")
+        if not hp.mlp_ratio > 0:
+            raise ValueError(f"model.mlp_ratio must be > 0, got {hp.mlp_ratio}")
         if hp.width % hp.num_heads:
             raise ValueError(f"model.width ({hp.width}) must be divisible by model.num_heads ({hp.num_heads})")
         if hp.diffusion_batch_mul < 1:
@@ -142,7 +154,9 @@ class MARGenerator(L.LightningModule):
         return self.head(target, cond, generator).mean()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self.diffusion_loss(*batch)
+        seeds = step_seeds(self.hparams.seed, self.global_step, self.global_rank)
+        with fork_rng(self.device, seeds[1]):  # dropout draws from the global RNG: seed it per step, then restore
+            loss = self.diffusion_loss(*batch, generator=torch.Generator(self.device).manual_seed(seeds[0]))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch[0].shape[0])
         return loss
 
@@ -222,8 +236,26 @@ class MARGenerator(L.LightningModule):
         return latents / hp.latent_scale
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Generate one latent per ``(label, index)`` of the batch, seeded by the batch's first index."""
+        """Generate one latent per ``(label, index)`` of the batch, seeded by the batch's first index.
+
+        ``LatentDataModule.predict_dataloader`` hands whole index blocks ``[k*B, (k+1)*B)`` to the processes, so the
+        output for an index depends on ``(index, batch_size)`` only, not on the number of processes.
+        """
         labels, indices = batch
         generator = torch.Generator(self.device).manual_seed(int(indices[0]))
         latents = self.generate(labels, generator=generator)
         return {"latents": latents, "labels": labels, "indices": indices}
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, naming the file and the differing sizes, a checkpoint saved by a generator of another shape."""
+        mismatch = check_state_shapes(checkpoint.get("state_dict", {}), self.state_dict())
+        if mismatch:
+            path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+            saved = checkpoint.get("hyper_parameters", {})
+            differ = [f"{k}={saved[k]} (here {self.hparams[k]})" for k in self.hparams
+                      if k in saved and saved[k] != self.hparams[k]]
+            raise ValueError(
+                f"checkpoint {path or '(given)'} was saved by a different model: {mismatch}; "
+                f"hyper-parameters that differ: {', '.join(differ) or 'none recorded'}"
+            )

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
+import torch
 from torch import nn
 
 
@@ -28,3 +30,28 @@ def check_latent_shape(latent_shape: Sequence[int], patch_size: int) -> tuple[in
     if patch_size < 1 or shape[1] % patch_size or shape[2] % patch_size:
         raise ValueError(f"model.patch_size={patch_size} must divide the latent height and width {shape[1:]}")
     return shape
+
+
+def step_seeds(seed: int, step: int, rank: int, count: int = 2) -> list[int]:
+    """``count`` independent 63-bit seeds determined by ``(seed, step, rank)`` (numpy's SeedSequence mixes them)."""
+    state = np.random.SeedSequence([int(seed), int(step), int(rank)]).generate_state(count, dtype=np.uint64)
+    return [int(s) >> 1 for s in state]
+
+
+@contextmanager
+def fork_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """Seed the global RNG of the CPU (and ``device`` when it is CUDA) with ``seed``; restore both afterwards."""
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def check_state_shapes(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], limit: int = 4) -> str:
+    """Describe missing/unexpected keys and shape mismatches between two state dicts ('' when they agree)."""
+    problems = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+    problems += [f"{k} missing" for k in expected if k not in saved]
+    problems += [f"{k} unexpected" for k in saved if k not in expected]
+    more = f" (+{len(problems) - limit} more)" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more

@@ -1,0 +1,114 @@
+"""Reliability, exact resume: 9 optimizer steps in one run == a run SIGKILLed after step 3 (its epoch-end checkpoint)
+and resumed with ``--ckpt_path last``: weights, EMA weights, AdamW state, LR and data order, bitwise on CPU.
+
+Checkpoints are taken at epoch ends (3 batches an epoch): Lightning 2.x does not fast-forward a plain DataLoader
+resumed mid-epoch (it replays the epoch from its first batch), see README "Reliability".
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+
+pytestmark = pytest.mark.slow  # subprocess CLI runs (CI runs slow tests too)
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = str(REPO / "configs/digits/mar.yaml")
+
+
+class KillAtStep(Callback):
+    """Test helper: SIGKILL this process when the batch of optimizer step ``step`` starts (no clean shutdown)."""
+
+    def __init__(self, step: int = -1) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_config(root: Path, kill_at: int = -1, epochs: int = 3) -> Path:
+    """A tiny digits run: 3 batches an epoch, EMA, a checkpoint at every epoch end, dropout on (global RNG)."""
+    config = {
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": -1, "max_epochs": epochs,
+            "limit_train_batches": 3, "limit_val_batches": 0.0, "logger": False, "enable_progress_bar": False,
+            "enable_model_summary": False, "default_root_dir": str(root),
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.9}},
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "save_top_k": -1,
+                               "every_n_epochs": 1, "save_on_train_epoch_end": True}},
+                {"class_path": "test_reliability_resume.KillAtStep", "init_args": {"step": kill_at}},
+            ],
+        },
+        "model": {"init_args": {"width": 16, "encoder_depth": 1, "decoder_depth": 1, "num_heads": 2,
+                                "head_width": 16, "head_depth": 1, "num_iter": 2, "num_sampling_steps": 2,
+                                "dropout": 0.1, "diffusion_batch_mul": 2}},
+        "data": {"batch_size": 8},
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "resume.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    return subprocess.run([sys.executable, "-m", "lightning_ar.cli", *args], env=env, cwd=REPO, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def fit(root: Path, kill_at: int = -1, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("fit", "--config", DIGITS, "--config", str(write_config(root, kill_at)), *extra)
+
+
+def assert_same(a, b, where: str = "ckpt") -> None:
+    """Recursive bitwise equality of tensors (and equality of plain values) in nested dicts/lists."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs (max abs diff {(a.float() - b.float()).abs().max():.3g})"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} vs {sorted(b)}"
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def training_state(path: Path) -> dict:
+    """What must match after resume: EMA weights (state_dict), current weights (EMA callback state), AdamW state,
+    LR scheduler, step/epoch counters and the sampler position (the fit loop's progress)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ema = {k: v for k, v in ckpt["callbacks"].items() if "WeightAveraging" in k}
+    return {
+        "state_dict": ckpt["state_dict"], "optimizer_states": ckpt["optimizer_states"],
+        "lr_schedulers": ckpt["lr_schedulers"], "global_step": ckpt["global_step"], "epoch": ckpt["epoch"],
+        "ema_callback": ema, "fit_progress": ckpt["loops"]["fit_loop"]["epoch_progress"],
+    }
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path: Path) -> None:
+    straight = fit(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = fit(tmp_path / "killed", 4)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    mid = torch.load(tmp_path / "killed/ckpt/last.ckpt", weights_only=False)
+    assert mid["global_step"] == 3  # died in epoch 1, after the checkpoint of epoch 0
+    resumed = fit(tmp_path / "killed", -1, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = training_state(tmp_path / "straight/ckpt/last.ckpt"), training_state(tmp_path / "killed/ckpt/last.ckpt")
+    assert a["global_step"] == 9 and a["ema_callback"], "EMA state missing from the checkpoint"
+    assert_same(a, b)
