@@ -214,3 +214,34 @@ def test_amortized_refiner_starts_as_identity_and_learns() -> None:
     assert not torch.allclose(refiner(z, labels, 1), z)
     with pytest.raises(ValueError, match="step must be in"):
         refiner(z, labels, 3)
+
+
+def test_flow_gradient_skips_the_target_self_term_exactly() -> None:
+    """The flow's gradient uses OT(a,b) - OT(a,a)/2 only; it must equal the gradient of the full debiased divergence
+    (the target's self-transport does not depend on the conditions)."""
+    from geomloss import SamplesLoss
+
+    from lightning_ar.nn.refine import _gradient
+
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(20, 3, generator=gen), torch.randn(30, 3, generator=gen) + 0.5
+    a = torch.rand(20, generator=gen) + 0.5
+    a, b = a / a.sum(), torch.full((30,), 1 / 30)
+    xr = x.clone().requires_grad_(True)
+    (full,) = torch.autograd.grad(sinkhorn_divergence(xr, y, 0.3, 0.9, a, b), xr)
+    split = _gradient(x, y, None, 0.3, 0.9, a, b)
+    tol = 2e-3 * float(full.abs().max())  # geomloss's truncated epsilon-scaling differs slightly between the two
+    assert (split - full).abs().max() < tol, (split - full).abs().max()
+    xr = x.clone().requires_grad_(True)
+    ot = SamplesLoss("sinkhorn", p=2, blur=0.3, scaling=0.9, debias=False, backend="tensorized")
+    (biased,) = torch.autograd.grad(ot(a, xr, b, y), xr)
+    assert (biased - full).abs().max() > 10 * tol  # the source self-term matters: dropping it would be caught
+
+
+def test_tracing_does_not_change_the_flow() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(16, 2, generator=gen), torch.randn(24, 2, generator=gen) + 1.0
+    traced = sinkhorn_flow(x, y, steps=3, eta=0.5, blur=0.2, record_trace=True)
+    plain = sinkhorn_flow(x, y, steps=3, eta=0.5, blur=0.2, record_trace=False)
+    assert traced.trace.shape == (4,) and plain.trace.shape == (0,)
+    assert torch.equal(traced.conditions, plain.conditions)

@@ -67,12 +67,23 @@ def sinkhorn_divergence(
         raise ValueError(f"scaling must be in (0, 1), got {scaling}")
     if x.shape[-1] != y.shape[-1]:
         raise ValueError(f"conditions have dimension {x.shape[-1]} but the target has dimension {y.shape[-1]}")
-    loss = SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=True, backend="tensorized")
+    loss = _samples_loss(x, y, blur, scaling, debias=True)
     if a is None and b is None:
         return loss(x, y)
     a = torch.full_like(x[:, 0], 1.0 / len(x)) if a is None else a.to(x)
     b = torch.full_like(y[:, 0], 1.0 / len(y)) if b is None else b.to(y)
     return loss(a, x, b, y)
+
+
+def _samples_loss(x: Tensor, y: Tensor, blur: float, scaling: float, debias: bool) -> SamplesLoss:
+    """geomloss Sinkhorn loss (cost ``|x-y|^2/2``) with the epsilon-scaling range fixed from both clouds.
+
+    The diameter is at least ``blur``: geomloss would otherwise derive it from the points, and coincident points
+    (a single point, or identical ones) give a zero diameter and a ``log(0)``-long epsilon schedule.
+    """
+    diameter = max(_diameter(x.detach(), y.detach()), blur)
+    return SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=debias, diameter=diameter,
+                       backend="tensorized")
 
 
 def labelled(z: Tensor, labels: Tensor, positions: Tensor, num_classes: int, seq_len: int, weight: float) -> Tensor:
@@ -136,14 +147,29 @@ def _extend(c: Tensor, extra: Tensor | None) -> Tensor:
     return c if extra is None else torch.cat([c, extra], dim=1)
 
 
-def _value_and_grad(
-    c: Tensor, y: Tensor, extra: Tensor | None, blur: float, scaling: float, a: Tensor | None, b: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Divergence at ``c`` ``[N, D]`` (as a detached scalar) and its gradient ``[N, D]`` with respect to ``c``."""
+def _value(c: Tensor, y: Tensor, extra: Tensor | None, blur: float, scaling: float, a: Tensor | None,
+           b: Tensor | None) -> Tensor:
+    """Divergence ``S_eps`` at ``c`` ``[N, D]`` (detached scalar; a measurement for the trace)."""
+    with torch.no_grad():
+        return sinkhorn_divergence(_extend(c, extra), y, blur, scaling, a, b).detach()
+
+
+def _gradient(c: Tensor, y: Tensor, extra: Tensor | None, blur: float, scaling: float, a: Tensor | None,
+              b: Tensor | None) -> Tensor:
+    """Gradient ``[N, D]`` of ``S_eps(C, Y)`` with respect to ``c``.
+
+    ``S = OT(a, b) - OT(a, a)/2 - OT(b, b)/2`` and the last term does not depend on ``C``, so the gradient needs only
+    the two transport problems that involve ``C``: the target's self-transport (the largest problem, ``M x M``) is
+    never solved. Both terms are geomloss ``SamplesLoss(debias=False)`` values.
+    """
     c = c.detach().requires_grad_(True)
-    value = sinkhorn_divergence(_extend(c, extra), y, blur, scaling, a, b)
-    (grad,) = torch.autograd.grad(value, c)
-    return value.detach(), grad
+    x = _extend(c, extra)
+    a = torch.full_like(x[:, 0], 1.0 / len(x)) if a is None else a
+    b = torch.full_like(y[:, 0], 1.0 / len(y)) if b is None else b
+    ot = _samples_loss(x, y, blur, scaling, debias=False)
+    objective = ot(a, x, b, y) - 0.5 * ot(a, x, a, x)
+    (grad,) = torch.autograd.grad(objective, c)
+    return grad
 
 
 def sinkhorn_flow(
@@ -158,7 +184,7 @@ def sinkhorn_flow(
     b: Tensor | None = None,
     extra_src: Tensor | None = None,
     extra_tgt: Tensor | None = None,
-    final_value: bool = True,
+    record_trace: bool = True,
 ) -> RefinementResult:
     """Explicit Wasserstein gradient flow of ``S_eps(C, Y) + lam/2 * mean ||C - C0||^2`` (SPEC 2.3).
 
@@ -178,11 +204,12 @@ def sinkhorn_flow(
         b: ``[M]`` target weights summing to 1 (uniform when ``None``).
         extra_src: ``[N, E]`` fixed feature columns appended to ``C`` for the divergence, never moved.
         extra_tgt: ``[M, E]`` fixed feature columns appended to ``Y``.
-        final_value: Also evaluate the divergence after the last step (one more Sinkhorn solve, a measurement
-            only); without it the trace holds the ``K`` values before each step.
+        record_trace: Measure the divergence before each step and after the last (``K + 1`` extra debiased
+            Sinkhorn solves, a measurement only); without it the trace is empty. The flow itself is the same.
 
     Returns:
-        :class:`RefinementResult` with ``[N, D]`` conditions and the ``[K+1]`` (or ``[K]``) divergence trace.
+        :class:`RefinementResult` with ``[N, D]`` conditions and the ``[K+1]`` divergence trace (``[0]`` without
+        ``record_trace``).
     """
     _check_clouds(c0, target)
     _check_flow_args(steps, eta, lam, a, len(c0))
@@ -199,11 +226,12 @@ def sinkhorn_flow(
         inv_a = len(c0) if a is None else 1.0 / a[:, None]  # scalar or (N, 1)
         c, trace = init, []
         for _ in range(steps):
-            value, grad = _value_and_grad(c, y, extra, blur, scaling, a, b)
-            trace.append(value)
+            if record_trace:
+                trace.append(_value(c, y, extra, blur, scaling, a, b))
+            grad = _gradient(c, y, extra, blur, scaling, a, b)
             c = c - eta * (grad * inv_a + lam * (c - init))  # (N, D)
-        if final_value:
-            trace.append(_value_and_grad(c, y, extra, blur, scaling, a, b)[0])
+        if record_trace:
+            trace.append(_value(c, y, extra, blur, scaling, a, b))
     if not torch.isfinite(c).all():
         raise ValueError(f"the flow diverged (non-finite conditions); reduce eta={eta} or lam={lam}")
     trace = torch.stack(trace) if trace else init.new_zeros(0)
@@ -274,7 +302,7 @@ def refine_conditions(
     scaling: float = 0.9,
     lam: float = 0.0,
     label_weight: float | None = None,
-    final_value: bool = True,
+    record_trace: bool = True,
 ) -> RefinementResult:
     """Class- and position-aware Sinkhorn flow of ``z`` toward ``target``.
 
@@ -298,7 +326,7 @@ def refine_conditions(
         lam: Strength of the proximity term.
         label_weight: Scale of the one-hot features; ``None`` picks the diameter of both clouds (at least
             ``10 * blur``), which makes crossing a group costlier than any move within one.
-        final_value: Measure the divergence after the last step too (see :func:`sinkhorn_flow`).
+        record_trace: Measure the divergence along the flow (see :func:`sinkhorn_flow`).
 
     Returns:
         :class:`RefinementResult`; the trace is all zeros when no point has target mass.
@@ -310,12 +338,12 @@ def refine_conditions(
                              blur, label_weight)
     out, unmoved = z.clone(), int((~clouds.keep).sum())
     if clouds.src is None:
-        length = steps + int(final_value)
+        length = steps + 1 if record_trace else 0
         return RefinementResult(conditions=out, trace=z.new_zeros(length, dtype=torch.float32), unmoved=unmoved)
     keep, used, a, b, src, tgt = clouds.keep, clouds.used, clouds.a, clouds.b, clouds.src, clouds.tgt
     d = z.shape[1]
     result = sinkhorn_flow(
-        z[keep], target[used], steps, eta, blur, scaling, lam, a[keep], b[used], src[:, d:], tgt[:, d:], final_value
+        z[keep], target[used], steps, eta, blur, scaling, lam, a[keep], b[used], src[:, d:], tgt[:, d:], record_trace
     )
     out[keep] = result.conditions
     return RefinementResult(conditions=out, trace=result.trace, unmoved=unmoved)

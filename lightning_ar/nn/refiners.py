@@ -103,8 +103,8 @@ class FlowRefiner:
         seq_len: Tokens per image (for the position one-hot).
         seed: Seed of the target subsampling (the same targets for the same seed).
         null_bank: Optional bank of null-class conditions; when given, :meth:`refine_null` refines the null branch.
-        record_trace: Measure the divergence after the last flow step too (for a :class:`GenerationTrace`; costs
-            one more Sinkhorn solve per AR step).
+        record_trace: Measure the divergence along the flow (for a :class:`GenerationTrace`; ``K + 1`` more
+            Sinkhorn solves per AR step, the refined conditions are the same).
     """
 
     def __init__(
@@ -129,7 +129,7 @@ class FlowRefiner:
         return refine_conditions(
             z, labels, positions, target, t_labels, t_positions, classes, self.seq_len,
             steps=s.steps, eta=s.eta, blur=s.blur, scaling=s.scaling, lam=s.lam, label_weight=s.label_weight,
-            final_value=self.record_trace,
+            record_trace=self.record_trace,
         )
 
     def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
