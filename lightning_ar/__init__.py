@@ -20,7 +20,7 @@ from lightning_ar.data import (
     validate_cache,
 )
 from lightning_ar.metrics import ImageQualityEvaluator, evaluate_npz
-from lightning_ar.modules import MARGenerator, OTRefinement
+from lightning_ar.modules import CausalARGenerator, ConditionalDiffusion, MARGenerator, OTRefinement
 from lightning_ar.nn import DiffusionLoss, GenerationTrace, MaskedAutoregressiveTransformer, StepRecord
 from lightning_ar.nn.refine import AmortizedRefiner, ConditionBank, RefinementResult, refine_conditions, sinkhorn_flow
 
@@ -36,6 +36,8 @@ __all__ = [
     "load_vae",
     "validate_cache",
     "AmortizedRefiner",
+    "CausalARGenerator",
+    "ConditionalDiffusion",
     "ConditionBank",
     "ConditionalScoreNormMonitor",
     "SinkhornDivergenceMonitor",

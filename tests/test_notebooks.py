@@ -58,7 +58,7 @@ def notebook_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_notebooks_exist_and_are_committed_without_outputs() -> None:
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03"], NOTEBOOKS
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04"], NOTEBOOKS
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)

@@ -1,6 +1,8 @@
 """LightningModules of the collection."""
 
+from lightning_ar.modules.causal_ar import CausalARGenerator
+from lightning_ar.modules.cdm import ConditionalDiffusion
 from lightning_ar.modules.generator import MARGenerator
 from lightning_ar.modules.refinement import OTRefinement
 
-__all__ = ["MARGenerator", "OTRefinement"]
+__all__ = ["CausalARGenerator", "ConditionalDiffusion", "MARGenerator", "OTRefinement"]

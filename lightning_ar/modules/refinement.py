@@ -9,6 +9,7 @@ the generator's own sampling. ``test``/``predict`` generate with refinement mode
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor
 
+from lightning_ar.modules.causal_ar import CausalARGenerator
 from lightning_ar.modules.generator import MARGenerator
 from lightning_ar.nn.mar import patchify
 from lightning_ar.nn.masking import cosine_schedule
@@ -42,21 +44,35 @@ def _own_hyperparameters() -> Iterator[None]:
         _given_hyperparameters.reset(token)
 
 
-def load_generator(generator: str | MARGenerator | None, generator_hparams: dict | None) -> MARGenerator:
-    """The frozen generator: a module, a checkpoint path, or (when reloading a refinement) its saved hparams."""
+def load_generator(generator: str | L.LightningModule | None, generator_hparams: dict | None) -> L.LightningModule:
+    """The frozen generator (a :class:`MARGenerator` or :class:`CausalARGenerator`): a module, a checkpoint path, or
+    (when reloading a refinement) its saved hparams."""
     with _own_hyperparameters():
         return _load_generator(generator, generator_hparams)
 
 
-def _load_generator(generator: str | MARGenerator | None, generator_hparams: dict | None) -> MARGenerator:
-    if isinstance(generator, MARGenerator):
+def _generator_class(hparams: dict) -> type[L.LightningModule]:
+    """The generator class of saved hparams: the causal generator is the one with an ``order`` (raster/random)."""
+    return CausalARGenerator if "order" in hparams else MARGenerator
+
+
+def _load_generator(generator: str | L.LightningModule | None, generator_hparams: dict | None) -> L.LightningModule:
+    if isinstance(generator, (MARGenerator, CausalARGenerator)):
         return generator
     if generator is not None and Path(generator).is_file():
-        return MARGenerator.load_from_checkpoint(generator, map_location="cpu")
+        try:
+            saved = torch.load(generator, map_location="cpu", weights_only=False, mmap=True)
+            hparams = saved.get("hyper_parameters", {})
+            hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI's _class_path etc.
+            return _generator_class(hparams).load_from_checkpoint(generator, map_location="cpu")
+        except (RuntimeError, TypeError, KeyError, AttributeError, EOFError, pickle.UnpicklingError) as err:
+            raise ValueError(f"model.generator: {generator} is not a readable generator checkpoint "
+                             f"({type(err).__name__}: {str(err)[:300]})") from err
     if generator_hparams is not None:  # weights come from the refinement checkpoint's state dict
-        return MARGenerator(**generator_hparams)
+        hparams = {k: v for k, v in generator_hparams.items() if not k.startswith("_")}
+        return _generator_class(hparams)(**hparams)
     if generator is None:
-        raise ValueError("model.generator must be the path of a MARGenerator checkpoint (or a MARGenerator)")
+        raise ValueError("model.generator must be the path of a MARGenerator or CausalARGenerator checkpoint")
     raise FileNotFoundError(f"model.generator: checkpoint {generator} does not exist")
 
 

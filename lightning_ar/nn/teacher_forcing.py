@@ -59,7 +59,8 @@ def teacher_forced_conditions(
         The conditions of the ``masked_before(k) - schedule[k]`` tokens per sample that step ``k`` predicts.
     """
     b, seq_len = tokens.shape[:2]
-    orders = random_orders(b, seq_len, generator, tokens.device)  # (B, L)
+    fixed = getattr(mar, "generation_orders", None)  # a fixed-order (causal) transformer's own order
+    orders = fixed(b, tokens.device) if fixed is not None else random_orders(b, seq_len, generator, tokens.device)
     before, after = masked_before(schedule, step, seq_len), schedule[step]
     mask = mask_from_orders(orders, before)  # (B, L): what is unknown before step k
     z = mar(tokens, mask, labels)  # (B, L, D)
