@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo lint clean
+.PHONY: install test test-fast demo lint clean bench bench-compare
 
 install: $(STAMP)
 
@@ -21,6 +21,17 @@ test-fast: install
 
 demo: install
 	$(BIN)/python -m lightning_ar.demo
+
+# Speed figures of this machine as one JSON document (outputs/bench/bench-<time>.json and latest.json); a trained
+# digits checkpoint (from `make demo`) is used for the refinement shares and the sampler-quality comparison when
+# present (without it: refinement on a random generator, no sampler quality).
+DIGITS_CKPT ?= outputs/demo/fit/checkpoints/last.ckpt
+bench: install
+	$(BIN)/python benchmarks/bench.py $(if $(wildcard $(DIGITS_CKPT)),--digits-ckpt $(DIGITS_CKPT))
+
+# Ratios new/old of two bench results: `make bench-compare` (two latest) or OLD=... NEW=...
+bench-compare: install
+	$(BIN)/python benchmarks/compare.py $(OLD) $(NEW)
 
 lint: install
 	$(BIN)/ruff check lightning_ar tests
