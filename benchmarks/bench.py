@@ -194,7 +194,8 @@ def refinement_module(ckpt: str | None):
     from lightning_ar import LatentDataModule, OTRefinement
 
     data = LatentDataModule("digits", batch_size=64)
-    gen = ckpt if ckpt else make_generator(DIGITS, latent_scale=data.latent_scale, num_iter=8, cfg=3.0)
+    gen = ckpt if ckpt else make_generator(DIGITS, latent_scale=data.latent_scale, num_iter=8, cfg=3.0,
+                                           num_sampling_steps=10)
     module = OTRefinement(generator=gen)
     rng = torch.Generator().manual_seed(0)
     for latents, labels in data.train_dataloader():
@@ -203,22 +204,27 @@ def refinement_module(ckpt: str | None):
 
 
 def refinement(ckpt: str | None, quick: bool) -> dict[str, Any]:
-    """Share of digits sampling time spent refining, per mode, at the module's default settings."""
+    """Share of digits sampling time spent refining, per mode, at the module's default settings, for generation
+    batches of 32 (the digits configs) and 128 (the flow's cost per AR step barely depends on the batch)."""
     module, data = refinement_module(ckpt)
     _, labels = data.source.split("test")
     labels = labels[: 64 if quick else 180]
     out: dict[str, Any] = {"generator": ckpt or "random-init (pass --digits-ckpt for a trained one)",
-                           "num_images": len(labels), "flow_settings": vars(module.flow)}
-    for mode in ("none", "flow", "amortized"):
-        total = refine = 0.0
-        with PeakRSS() as rss:
-            for i in range(0, len(labels), 32):
-                start = time.perf_counter()
-                module.generate(labels[i : i + 32], refine=mode, generator=torch.Generator().manual_seed(i))
-                total += time.perf_counter() - start
-                refine += module.last_generation_stats["refine_seconds"]
-        out[mode] = {"sec_per_image": round(total / len(labels), 4), "refine_share": round(refine / total, 3),
-                     "peak_rss_mb": rss.peak_mb}
+                           "num_images": len(labels), "flow_settings": vars(module.flow),
+                           "sampler": f"{module.mar_generator.hparams.sampler}-"
+                                      f"{module.mar_generator.hparams.num_sampling_steps}"}
+    for batch in (32, 128):
+        rows = out[f"batch_{batch}"] = {}
+        for mode in ("none", "flow", "amortized"):
+            total = refine = 0.0
+            with PeakRSS() as rss:
+                for i in range(0, len(labels), batch):
+                    start = time.perf_counter()
+                    module.generate(labels[i : i + batch], refine=mode, generator=torch.Generator().manual_seed(i))
+                    total += time.perf_counter() - start
+                    refine += module.last_generation_stats["refine_seconds"]
+            rows[mode] = {"sec_per_image": round(total / len(labels), 4), "refine_share": round(refine / total, 3),
+                          "peak_rss_mb": rss.peak_mb}
     return out
 
 

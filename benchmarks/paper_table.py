@@ -21,6 +21,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -69,34 +71,78 @@ def _test_results(root: Path, name: str, version: str) -> dict[str, dict[str, fl
     return json.loads(path.read_text())
 
 
-def run_seed(seed: int, opts: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Train, refine and test the five variants for one seed; return ``row -> metrics``."""
+def _parallel(tasks: list, jobs: int) -> list:
+    """Run zero-argument callables with at most ``jobs`` at once (in order when ``jobs == 1``); return results."""
+    if jobs <= 1:
+        return [task() for task in tasks]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return [f.result() for f in [pool.submit(task) for task in tasks]]
+
+
+def _generator_task(row: str, seed: int, opts: argparse.Namespace) -> Callable[[], Path]:
+    """Fit one generator row for ``seed``; returns its checkpoint."""
     root, configs = Path(opts.out) / f"seed{seed}", Path(opts.configs)
-    common = ["--seed_everything", str(seed)]
-    fit_extra = common + (["--trainer.max_steps", str(opts.max_steps)] if opts.max_steps else [])
-    test_extra = common + ([f"--trainer.limit_test_batches={opts.limit_test_batches}"]
-                           if opts.limit_test_batches else [])
-    rows, ckpts = {}, {}
-    gen_overlay = [Path(opts.generator_overlay)] if opts.generator_overlay else []
-    for row, config in GENERATORS.items():
-        name, cfgs = row.lower(), [configs / config, *gen_overlay]
-        _cli(_run_args("fit", cfgs, root, name, "fit", fit_extra), root / f"{name}_fit.log")
-        ckpts[row] = root / name / "fit" / "checkpoints" / "last.ckpt"
-        _cli(_run_args("test", cfgs, root, name, "test", test_extra + ["--ckpt_path", str(ckpts[row])]),
-             root / f"{name}_test.log")
-        rows[row] = _test_results(root, name, "test")["default"]
+    name = row.lower()
+    cfgs = [configs / GENERATORS[row], *([Path(opts.generator_overlay)] if opts.generator_overlay else [])]
+    extra = ["--seed_everything", str(seed)] + (["--trainer.max_steps", str(opts.max_steps)] if opts.max_steps else [])
+
+    def fit() -> Path:
+        _cli(_run_args("fit", cfgs, root, name, "fit", extra), root / f"{name}_fit.log")
+        return root / name / "fit" / "checkpoints" / "last.ckpt"
+
+    return fit
+
+
+def _row_configs(row: str, opts: argparse.Namespace) -> tuple[str, list[Path]]:
+    configs = Path(opts.configs)
+    if row in GENERATORS:
+        overlay = [Path(opts.generator_overlay)] if opts.generator_overlay else []
+        return row.lower(), [configs / GENERATORS[row], *overlay]
     overlay = [Path(opts.refine_overlay)] if opts.refine_overlay else []
-    for row, (base, config) in REFINED.items():
-        name = row.lower().replace("+", "_")
-        cfgs = [configs / config, *overlay]
-        _cli(_run_args("fit", cfgs, root, name, "fit", common + ["--model.init_args.generator", str(ckpts[base])]),
-             root / f"{name}_fit.log")
-        ckpt = root / name / "fit" / "checkpoints" / "last.ckpt"
-        _cli(_run_args("test", cfgs, root, name, "test", test_extra + ["--ckpt_path", str(ckpt)]),
-             root / f"{name}_test.log")
-        results = _test_results(root, name, "test")
-        rows[row] = results[REFINE_ROW]
-        rows[f"{row} (none)"] = results["none"]  # refine=none must reproduce the base row: a consistency check
+    return row.lower().replace("+", "_"), [configs / REFINED[row][1], *overlay]
+
+
+def _test_task(row: str, seed: int, ckpt: Path, opts: argparse.Namespace) -> Callable[[], dict]:
+    """Test one row's checkpoint for ``seed``; returns its results.json."""
+    root = Path(opts.out) / f"seed{seed}"
+    name, cfgs = _row_configs(row, opts)
+    extra = ["--seed_everything", str(seed), "--ckpt_path", str(ckpt)]
+    extra += [f"--trainer.limit_test_batches={opts.limit_test_batches}"] if opts.limit_test_batches else []
+
+    def test() -> dict:
+        _cli(_run_args("test", cfgs, root, name, "test", extra), root / f"{name}_test.log")
+        return _test_results(root, name, "test")
+
+    return test
+
+
+def _refine_task(row: str, seed: int, generator: Path, opts: argparse.Namespace) -> Callable[[], dict]:
+    """Build the refinement of ``row`` on the seed's generator checkpoint, then test it; returns results.json."""
+    root = Path(opts.out) / f"seed{seed}"
+    name, cfgs = _row_configs(row, opts)
+    extra = ["--seed_everything", str(seed), "--model.init_args.generator", str(generator)]
+
+    def refine_and_test() -> dict:
+        _cli(_run_args("fit", cfgs, root, name, "fit", extra), root / f"{name}_fit.log")
+        return _test_task(row, seed, root / name / "fit" / "checkpoints" / "last.ckpt", opts)()
+
+    return refine_and_test
+
+
+def run_seed(seed: int, opts: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Train, refine and test the five variants for one seed; return ``row -> metrics``.
+
+    Stage 1 fits the three generators; stage 2 tests them and builds + tests the two refinements (``--jobs`` of
+    these CLI runs at once).
+    """
+    ckpts = dict(zip(GENERATORS, _parallel([_generator_task(r, seed, opts) for r in GENERATORS], opts.jobs)))
+    tasks = [_test_task(r, seed, ckpts[r], opts) for r in GENERATORS]
+    tasks += [_refine_task(r, seed, ckpts[base], opts) for r, (base, _) in REFINED.items()]
+    results = dict(zip([*GENERATORS, *REFINED], _parallel(tasks, opts.jobs)))
+    rows = {row: results[row]["default"] for row in GENERATORS}
+    for row in REFINED:
+        rows[row] = results[row][REFINE_ROW]
+        rows[f"{row} (none)"] = results[row]["none"]  # refine=none must reproduce the base row: a consistency check
     return rows
 
 
@@ -157,9 +203,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="trainer.limit_test_batches of every test run (a fraction); default: all")
     parser.add_argument("--configs", default=str(REPO / "configs" / "digits"), help="folder of the digits configs")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="CLI runs at once per seed (and seeds side by side when > 1); for GPUs or many cores")
     opts = parser.parse_args(argv)
     if opts.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {opts.seeds}")
+    if opts.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {opts.jobs}")
     if opts.max_steps is not None and opts.max_steps < 1:
         parser.error(f"--max-steps must be >= 1, got {opts.max_steps}")
     for name in [*GENERATORS.values(), *(c for _, c in REFINED.values())]:
@@ -177,11 +227,19 @@ def main(argv: list[str] | None = None) -> dict:
     opts = parse_args(argv)
     settings = {"seeds": opts.seeds, "max_steps": opts.max_steps, "generator_overlay": opts.generator_overlay,
                 "refine_overlay": opts.refine_overlay,
-                "limit_test_batches": opts.limit_test_batches, "refine_row": REFINE_ROW}
-    per_seed, start = {}, time.perf_counter()
-    for seed in range(opts.seeds):
-        per_seed[seed] = run_seed(seed, opts)
-        print(f"seed {seed} done after {time.perf_counter() - start:.0f} s", flush=True)
+                "limit_test_batches": opts.limit_test_batches, "refine_row": REFINE_ROW, "jobs": opts.jobs}
+    start = time.perf_counter()
+
+    def seed_task(seed: int) -> Callable[[], dict]:
+        def run() -> dict:
+            rows = run_seed(seed, opts)
+            print(f"seed {seed} done after {time.perf_counter() - start:.0f} s", flush=True)
+            return rows
+
+        return run
+
+    seed_jobs = opts.seeds if opts.jobs > 1 else 1  # seeds run side by side when CLI runs may overlap
+    per_seed = dict(enumerate(_parallel([seed_task(s) for s in range(opts.seeds)], seed_jobs)))
     settings["seconds"] = time.perf_counter() - start
     js, md = write_table(per_seed, settings, Path(opts.out))
     print(md.read_text())

@@ -193,3 +193,17 @@ def test_sample_tokens_fills_trace() -> None:
     n0 = trace.steps[0].positions.shape[1]
     assert z.shape == (3 * n0, 32)
     assert torch.equal(lab, labels.repeat_interleave(n0)) and torch.equal(pos, trace.steps[0].positions.reshape(-1))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_reused_scheduler_keeps_no_state_between_samples(sampler: str) -> None:
+    """Schedulers are built once per sampler and reused: a second call must not inherit the first one's state."""
+    torch.manual_seed(0)
+    head = DiffusionLoss(token_dim=4, cond_dim=8, width=16, depth=1)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    z = torch.randn(5, 8)
+    first = head.sample(z, sampler=sampler, num_steps=7, generator=torch.Generator().manual_seed(1))
+    head.sample(z, sampler=sampler, num_steps=13, generator=torch.Generator().manual_seed(2))
+    again = head.sample(z, sampler=sampler, num_steps=7, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(first, again)

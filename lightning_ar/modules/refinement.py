@@ -92,8 +92,9 @@ class OTRefinement(L.LightningModule):
         flow_steps: Flow steps ``K`` per AR step.
         flow_eta: Flow step size. ``eta = 1`` moves every condition onto its transport target in the bank sample in
             one step; on held-out ideal conditions that over-fits the finite target (the divergence to held-out data
-            rose on gmm with ``K=8, eta=1`` and 512 targets, and fell with ``K=2, eta=0.3``), hence the partial
-            default flow (about half of the way).
+            rose on gmm with ``K=8, eta=1`` and 512 targets, and fell with ``K=2, eta=0.3``), hence a partial
+            default flow: one step of ``eta = 0.6`` (on digits it lowers the held-out divergence as much as two steps
+            of 0.3, 39% vs 36%, at half the cost).
         flow_blur: Sinkhorn blur, in condition units.
         flow_scaling: geomloss epsilon-scaling factor.
         flow_lam: Proximity weight ``lambda``.
@@ -119,10 +120,10 @@ class OTRefinement(L.LightningModule):
         bank_epochs: int = 1,
         teacher_passes: int = 4,
         null_bank: bool = False,
-        flow_steps: int = 2,
-        flow_eta: float = 0.3,
+        flow_steps: int = 1,
+        flow_eta: float = 0.6,
         flow_blur: float = 0.5,
-        flow_scaling: float = 0.5,
+        flow_scaling: float = 0.3,
         flow_lam: float = 0.0,
         label_weight: float = 100.0,
         target_size: int = 1024,

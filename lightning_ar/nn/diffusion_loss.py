@@ -165,6 +165,16 @@ class DiffusionLoss(nn.Module):
         return mean + torch.exp(0.5 * log_var) * noise
 
     def _scheduler(self, sampler: str, num_steps: int, device: torch.device):
+        """The diffusers scheduler of ``sampler`` with ``num_steps`` timesteps (built once per sampler: building one
+        recomputes the 1000-step schedule in Python; ``set_timesteps`` resets its state for every call)."""
+        cache = self.__dict__.setdefault("_sampler_cache", {})
+        if sampler not in cache:
+            cache[sampler] = self._new_scheduler(sampler)
+        scheduler = cache[sampler]
+        scheduler.set_timesteps(num_steps, device=device)
+        return scheduler
+
+    def _new_scheduler(self, sampler: str):
         config = dict(self.scheduler.config)
         if sampler == "ddpm":
             scheduler = DDPMScheduler.from_config(config)
@@ -176,7 +186,6 @@ class DiffusionLoss(nn.Module):
             )
         else:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        scheduler.set_timesteps(num_steps, device=device)
         return scheduler
 
     @torch.no_grad()

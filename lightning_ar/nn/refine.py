@@ -75,13 +75,16 @@ def sinkhorn_divergence(
     return loss(a, x, b, y)
 
 
-def _samples_loss(x: Tensor, y: Tensor, blur: float, scaling: float, debias: bool) -> SamplesLoss:
-    """geomloss Sinkhorn loss (cost ``|x-y|^2/2``) with the epsilon-scaling range fixed from both clouds.
+def _samples_loss(
+    x: Tensor, y: Tensor, blur: float, scaling: float, debias: bool, diameter: float | None = None
+) -> SamplesLoss:
+    """geomloss Sinkhorn loss (cost ``|x-y|^2/2``) with the epsilon-scaling range fixed.
 
-    The diameter is at least ``blur``: geomloss would otherwise derive it from the points, and coincident points
-    (a single point, or identical ones) give a zero diameter and a ``log(0)``-long epsilon schedule.
+    ``diameter`` (default: that of both clouds) sets where epsilon-scaling starts; it is at least ``blur``: geomloss
+    would otherwise derive it from the points, and coincident points (a single point, or identical ones) give a zero
+    diameter and a ``log(0)``-long epsilon schedule.
     """
-    diameter = max(_diameter(x.detach(), y.detach()), blur)
+    diameter = max(_diameter(x.detach(), y.detach()) if diameter is None else diameter, blur)
     return SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=debias, diameter=diameter,
                        backend="tensorized")
 
@@ -155,7 +158,7 @@ def _value(c: Tensor, y: Tensor, extra: Tensor | None, blur: float, scaling: flo
 
 
 def _gradient(c: Tensor, y: Tensor, extra: Tensor | None, blur: float, scaling: float, a: Tensor | None,
-              b: Tensor | None) -> Tensor:
+              b: Tensor | None, diameter: float | None = None) -> Tensor:
     """Gradient ``[N, D]`` of ``S_eps(C, Y)`` with respect to ``c``.
 
     ``S = OT(a, b) - OT(a, a)/2 - OT(b, b)/2`` and the last term does not depend on ``C``, so the gradient needs only
@@ -166,7 +169,7 @@ def _gradient(c: Tensor, y: Tensor, extra: Tensor | None, blur: float, scaling: 
     x = _extend(c, extra)
     a = torch.full_like(x[:, 0], 1.0 / len(x)) if a is None else a
     b = torch.full_like(y[:, 0], 1.0 / len(y)) if b is None else b
-    ot = _samples_loss(x, y, blur, scaling, debias=False)
+    ot = _samples_loss(x, y, blur, scaling, debias=False, diameter=diameter)
     objective = ot(a, x, b, y) - 0.5 * ot(a, x, a, x)
     (grad,) = torch.autograd.grad(objective, c)
     return grad
@@ -224,11 +227,14 @@ def sinkhorn_flow(
         a = None if a is None else a.float().clone()
         b = None if b is None else b.float().clone()
         inv_a = len(c0) if a is None else 1.0 / a[:, None]  # scalar or (N, 1)
+        # epsilon-scaling starts at the diameter of the moving coordinates only: fixed feature columns (labels) only
+        # separate groups whose masses are matched anyway, so annealing over their scale would be wasted iterations
+        diameter = _diameter(init, target.detach().float())
         c, trace = init, []
         for _ in range(steps):
             if record_trace:
                 trace.append(_value(c, y, extra, blur, scaling, a, b))
-            grad = _gradient(c, y, extra, blur, scaling, a, b)
+            grad = _gradient(c, y, extra, blur, scaling, a, b, diameter)
             c = c - eta * (grad * inv_a + lam * (c - init))  # (N, D)
         if record_trace:
             trace.append(_value(c, y, extra, blur, scaling, a, b))
