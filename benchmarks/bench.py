@@ -95,11 +95,16 @@ def autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
 
 
-def matmul_gflops(dtype: torch.dtype, n: int, min_seconds: float) -> float:
-    """Measured throughput of ``n x n`` matmuls in ``dtype`` (GFLOP/s)."""
+def matmul_gflops(dtype: torch.dtype, n: int, min_seconds: float, trials: int = 3) -> float:
+    """Best measured throughput (GFLOP/s) of ``n x n`` and ``n/2 x n/2`` matmuls in ``dtype`` over ``trials`` timings
+    each: the ceiling is the best this machine reaches (one timing can be 30% low on a shared VM)."""
     gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=gen).to(dtype) for _ in range(2))
-    return round(2 * n**3 / timed(lambda: a @ b, min_seconds) / 1e9, 1)
+    best = 0.0
+    for size in (n // 2, n):
+        a, b = (torch.randn(size, size, generator=gen).to(dtype) for _ in range(2))
+        for _ in range(trials):
+            best = max(best, 2 * size**3 / timed(lambda a=a, b=b: a @ b, min_seconds / trials) / 1e9)
+    return round(best, 1)
 
 
 def machine(quick: bool) -> dict[str, Any]:

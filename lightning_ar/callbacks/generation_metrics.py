@@ -85,7 +85,8 @@ class GenerationMetrics(Callback):
                 raise TypeError(f"GenerationMetrics.variants[{name!r}] must be a dict of generate() arguments")
             if name not in self._evaluators:  # build (may train a small model) outside the evaluation loops
                 self._evaluators[name] = trainer.datamodule.make_evaluator()
-                self._evaluators[name].prepare(torch.device("cpu"))
+                # on the process's own device: reference statistics of an Inception evaluator are a GPU-sized job
+                self._evaluators[name].prepare(trainer.strategy.root_device)
 
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for name in self.variants:

@@ -1,0 +1,56 @@
+"""The benchmark helpers (figures themselves are measured by `make bench`, never asserted in tests)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench  # noqa: E402
+import compare  # noqa: E402
+import sampler_quality  # noqa: E402
+
+
+def test_compare_reports_ratios_and_direction() -> None:
+    old = {"training": {"digits": {"fp32": {"samples_per_s": 100.0, "step_ms": 10.0, "train_mfu": 0.5}}},
+           "date": "x", "quick": False}
+    new = {"training": {"digits": {"fp32": {"samples_per_s": 150.0, "step_ms": 20.0, "train_mfu": 0.51}}},
+           "extra": 1.0}
+    rows = {key: (ratio, verdict) for key, _, _, ratio, verdict in compare.compare(old, new)}
+    assert set(rows) == {"training.digits.fp32.samples_per_s", "training.digits.fp32.step_ms",
+                         "training.digits.fp32.train_mfu"}
+    assert rows["training.digits.fp32.samples_per_s"] == (1.5, "better")
+    assert rows["training.digits.fp32.step_ms"] == (2.0, "worse")  # times: larger is worse
+    assert rows["training.digits.fp32.train_mfu"][1] == ""  # within 5%
+
+
+def test_compare_cli_needs_two_files(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        compare.main([str(tmp_path / "only.json")])
+
+
+def test_training_figures_are_consistent() -> None:
+    """FLOPs, throughput and MFU of one digits step agree with each other (quick timing)."""
+    ceilings = {"fp32": 100.0, "bf16": 300.0}
+    row = bench.training("digits", "fp32", ceilings, quick=True)
+    assert row["gflops_per_sample"] > 0
+    assert row["samples_per_s"] == pytest.approx(row["batch"] / (row["step_ms"] / 1e3), rel=0.02)
+    achieved = row["gflops_per_sample"] * row["samples_per_s"]
+    assert row["achieved_gflops"] == pytest.approx(achieved, rel=0.02)
+    assert row["train_mfu"] == pytest.approx(row["achieved_gflops"] / 100.0, rel=0.02)
+
+
+def test_sampler_verdict_uses_both_quality_bounds() -> None:
+    rows = {
+        "ddpm-100": {"sec_per_image": 0.03, "fid_pooled": 10.0, "cond_acc_pooled": 0.98},
+        "fast": {"sec_per_image": 0.01, "fid_pooled": 10.9, "cond_acc_pooled": 0.975},
+        "worse_fid": {"sec_per_image": 0.01, "fid_pooled": 11.2, "cond_acc_pooled": 0.99},
+        "worse_acc": {"sec_per_image": 0.01, "fid_pooled": 9.0, "cond_acc_pooled": 0.96},
+    }
+    sampler_quality.judge(rows)
+    assert rows["fast"]["equal_quality"] and rows["fast"]["speedup_vs_ddpm100"] == 3.0
+    assert not rows["worse_fid"]["equal_quality"]
+    assert not rows["worse_acc"]["equal_quality"]
