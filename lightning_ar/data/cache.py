@@ -3,7 +3,8 @@
 Distributed with Lightning's engine: :class:`MomentEncoder` (a LightningModule whose ``predict_step`` encodes a batch
 and its mirror image) runs under ``Trainer(strategy=..., devices=..., num_nodes=...)``; the shards still missing are
 dealt round-robin to the ranks, each rank encodes whole shards (batches never straddle shards, so the bytes do not
-depend on the number of processes) and :class:`ShardWriter` writes each shard atomically when complete. Re-running
+depend on the number of processes; on CPU they do change in the last bits with the torch thread count, as
+convolutions do) and :class:`ShardWriter` writes each shard atomically when complete. Re-running
 with the same arguments skips the shards already on disk (each is validated; invalid ones are re-encoded) and
 finishes the rest. Finally rank 0 computes the latent scale and writes ``meta.json``, the mark of a finished cache.
 
@@ -31,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_ar.data.shards import DTYPES, CacheMeta, ShardInfo, open_shard, shard_files, write_shard
-from lightning_ar.data.vae import encode_moments, load_vae, sample_posterior
+from lightning_ar.data.vae import encode_moments, load_vae
 
 # Test-only: after a rank has written this many shards, SIGKILL the process group (simulates a killed job).
 KILL_ENV = "LIGHTNING_AR_CACHE_TEST_KILL_AFTER"
@@ -217,15 +218,18 @@ def posterior_std(directory: str | Path, shards: list[ShardInfo], item_shape: tu
                   seed: int) -> float:
     """Std of one posterior sample of every cached latent (both flip copies).
 
-    One ``torch.Generator`` seeded with ``seed``; shards in order, one :func:`sample_posterior` call per shard on its
-    moments viewed as ``[2N, 2C, h, w]``; moments accumulated in float64.
+    Computed entirely in float64 numpy with one ``numpy.random.default_rng(seed)`` over the shards in order (noise
+    ``[2N, C, h, w]`` per shard): the result is the same in any process and with any thread count (torch's
+    float32 kernels and reductions are not, and the recorded scale must not depend on how the cache was made).
     """
-    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     total, sq, count = 0.0, 0.0, 0
     for info in shards:
         moments, _ = open_shard(directory, info, item_shape, dtype)
-        sample = sample_posterior(torch.from_numpy(np.array(moments)).flatten(0, 1), gen).double()
-        total, sq, count = total + sample.sum().item(), sq + sample.square().sum().item(), count + sample.numel()
+        moments = np.asarray(moments, dtype=np.float64).reshape(-1, *item_shape[1:])  # (2N, 2C, h, w)
+        mean, logvar = np.split(moments, 2, axis=1)
+        sample = mean + np.exp(0.5 * np.clip(logvar, -30.0, 20.0)) * rng.standard_normal(mean.shape)
+        total, sq, count = total + float(sample.sum()), sq + float(np.square(sample).sum()), count + sample.size
     mean = total / count
     return math.sqrt(max(sq / count - mean * mean, 0.0) * count / max(count - 1, 1))
 
