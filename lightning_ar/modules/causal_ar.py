@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_ar.modules.optim import adamw_param_groups, default_optimizer
+from lightning_ar.modules.optim import configure_adamw
 from lightning_ar.modules.utils import check_latent_shape, eval_mode
 from lightning_ar.nn.causal import ORDERS, CausalTransformer, sample_causal_tokens
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
@@ -169,12 +169,7 @@ class CausalARGenerator(L.LightningModule):
         return self._eval_loss(batch, batch_idx, "test")
 
     def configure_optimizers(self) -> Any:
-        groups = adamw_param_groups(self, no_decay_modules=(self.head,))
-        optimizer = self.optimizer_factory(groups) if self.optimizer_factory else default_optimizer(groups)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_adamw(self, (self.head,), self.optimizer_factory, self.lr_scheduler_factory)
 
     # ----------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()

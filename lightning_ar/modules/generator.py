@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from lightning_ar.modules.optim import adamw_param_groups, default_optimizer
+from lightning_ar.modules.optim import configure_adamw
 from lightning_ar.modules.utils import check_latent_shape, check_state_shapes, eval_mode, fork_rng, step_seeds
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
 from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, patchify, unpatchify
@@ -173,12 +173,7 @@ class MARGenerator(L.LightningModule):
         return self._eval_loss(batch, batch_idx, "test")
 
     def configure_optimizers(self) -> Any:
-        groups = adamw_param_groups(self, no_decay_modules=(self.head,))
-        optimizer = self.optimizer_factory(groups) if self.optimizer_factory else default_optimizer(groups)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_adamw(self, (self.head,), self.optimizer_factory, self.lr_scheduler_factory)
 
     # ----------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()

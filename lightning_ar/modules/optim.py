@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,3 +34,19 @@ def adamw_param_groups(module: nn.Module, no_decay_modules: Iterable[nn.Module] 
 def default_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
     """MAR's optimizer: AdamW, lr 1e-4, betas (0.9, 0.95), weight decay 0.02."""
     return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02)
+
+
+def configure_adamw(
+    module: nn.Module,
+    no_decay_modules: Iterable[nn.Module],
+    optimizer_factory: Callable[[list[dict]], torch.optim.Optimizer] | None,
+    lr_scheduler_factory: Callable[[torch.optim.Optimizer], Any] | None,
+) -> Any:
+    """What ``configure_optimizers`` returns: the (injected or default) optimizer over :func:`adamw_param_groups`,
+    with the injected LR scheduler stepped every optimizer step."""
+    groups = adamw_param_groups(module, no_decay_modules)
+    optimizer = optimizer_factory(groups) if optimizer_factory else default_optimizer(groups)
+    if lr_scheduler_factory is None:
+        return optimizer
+    scheduler = lr_scheduler_factory(optimizer)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
