@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_ar.modules.optim import configure_adamw
+from lightning_ar.modules.steps import DiffusionLossSteps
 from lightning_ar.modules.utils import check_latent_shape, eval_mode
 from lightning_ar.nn.causal import ORDERS, CausalTransformer, sample_causal_tokens
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
@@ -19,7 +17,7 @@ from lightning_ar.nn.sampler import ConditionRefiner, check_sampling_args
 from lightning_ar.nn.trace import GenerationTrace
 
 
-class CausalARGenerator(L.LightningModule):
+class CausalARGenerator(DiffusionLossSteps, L.LightningModule):
     """Class-conditional causal AR generator with a per-token diffusion loss ("Baseline (AR)" of the paper's table).
 
     A :class:`~lightning_ar.nn.causal.CausalTransformer` (MAR's encoder/decoder layout with causal attention) in a
@@ -152,24 +150,8 @@ class CausalARGenerator(L.LightningModule):
         cond = z.reshape(-1, z.shape[-1]).repeat(mul, 1)  # (B*L*mul, W)
         return self.head(target, cond, generator).mean()
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self.diffusion_loss(*batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch[0].shape[0])
-        return loss
-
-    def _eval_loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> Tensor:
-        loss = self.diffusion_loss(*batch, generator=torch.Generator(self.device).manual_seed(batch_idx))
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=batch[0].shape[0], sync_dist=True)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._eval_loss(batch, batch_idx, "val")
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._eval_loss(batch, batch_idx, "test")
-
-    def configure_optimizers(self) -> Any:
-        return configure_adamw(self, (self.head,), self.optimizer_factory, self.lr_scheduler_factory)
+    def no_decay_modules(self) -> tuple[torch.nn.Module, ...]:
+        return (self.head,)
 
     # ----------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()

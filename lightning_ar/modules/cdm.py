@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_ar.modules.optim import configure_adamw
+from lightning_ar.modules.steps import DiffusionLossSteps
 from lightning_ar.modules.utils import check_latent_shape, eval_mode
 from lightning_ar.nn.diffusion_loss import SAMPLERS
 from lightning_ar.nn.dit import ClassEmbedding, SequenceDiffusion
@@ -19,7 +17,7 @@ from lightning_ar.nn.sampler import check_sampling_args
 from lightning_ar.nn.trace import GenerationTrace
 
 
-class ConditionalDiffusion(L.LightningModule):
+class ConditionalDiffusion(DiffusionLossSteps, L.LightningModule):
     """Class-conditional diffusion over all latent tokens at once ("Baseline (CDM)" of the paper's table).
 
     One static condition, the class embedding (or the learned null class for guidance), conditions every token and
@@ -137,24 +135,8 @@ class ConditionalDiffusion(L.LightningModule):
         z = self.static_conditions(labels, self.classes.label_drop(labels, generator)).repeat(mul, 1, 1)
         return self.head.sequence_loss(tokens, z, generator).mean()
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self.diffusion_loss(*batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch[0].shape[0])
-        return loss
-
-    def _eval_loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> Tensor:
-        loss = self.diffusion_loss(*batch, generator=torch.Generator(self.device).manual_seed(batch_idx))
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=batch[0].shape[0], sync_dist=True)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._eval_loss(batch, batch_idx, "val")
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._eval_loss(batch, batch_idx, "test")
-
-    def configure_optimizers(self) -> Any:
-        return configure_adamw(self, (self.head.net.head,), self.optimizer_factory, self.lr_scheduler_factory)
+    def no_decay_modules(self) -> tuple[torch.nn.Module, ...]:
+        return (self.head.net.head,)
 
     # ----------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()

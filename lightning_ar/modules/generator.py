@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from lightning_ar.modules.optim import configure_adamw
-from lightning_ar.modules.utils import check_latent_shape, check_state_shapes, eval_mode, fork_rng, step_seeds
+from lightning_ar.modules.steps import DiffusionLossSteps
+from lightning_ar.modules.utils import check_latent_shape, check_state_shapes, eval_mode
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
 from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, patchify, unpatchify
 from lightning_ar.nn.masking import mask_from_orders, num_masked_for_training, random_orders, sample_mask_ratio
@@ -18,7 +18,7 @@ from lightning_ar.nn.sampler import ConditionRefiner, check_sampling_args, sampl
 from lightning_ar.nn.trace import GenerationTrace
 
 
-class MARGenerator(L.LightningModule):
+class MARGenerator(DiffusionLossSteps, L.LightningModule):
     """Class-conditional MAR generator (Li et al., 2024): masked AR transformer + per-token diffusion loss.
 
     Args:
@@ -153,27 +153,8 @@ class MARGenerator(L.LightningModule):
         target, cond = tokens[mask].repeat(mul, 1), z[mask].repeat(mul, 1)  # (B*n*mul, Dt), (B*n*mul, W)
         return self.head(target, cond, generator).mean()
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        seeds = step_seeds(self.hparams.seed, self.global_step, self.global_rank)
-        with fork_rng(self.device, seeds[1]):  # dropout draws from the global RNG: seed it per step, then restore
-            loss = self.diffusion_loss(*batch, generator=torch.Generator(self.device).manual_seed(seeds[0]))
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch[0].shape[0])
-        return loss
-
-    def _eval_loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> Tensor:
-        generator = torch.Generator(self.device).manual_seed(batch_idx)
-        loss = self.diffusion_loss(*batch, generator=generator)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=batch[0].shape[0], sync_dist=True)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._eval_loss(batch, batch_idx, "val")
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._eval_loss(batch, batch_idx, "test")
-
-    def configure_optimizers(self) -> Any:
-        return configure_adamw(self, (self.head,), self.optimizer_factory, self.lr_scheduler_factory)
+    def no_decay_modules(self) -> tuple[torch.nn.Module, ...]:
+        return (self.head,)
 
     # ----------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()

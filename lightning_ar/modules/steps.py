@@ -1,0 +1,46 @@
+"""The training/validation/test steps and optimizer setup shared by every generator trained with a diffusion loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ar.modules.optim import configure_adamw
+from lightning_ar.modules.utils import fork_rng, step_seeds
+
+
+class DiffusionLossSteps:
+    """Mixin for a LightningModule with ``diffusion_loss(latents, labels, generator) -> scalar``.
+
+    Training randomness comes from seeds of ``(hparams.seed, global_step, rank)`` (an explicit generator, and the global
+    RNG forked and seeded for dropout), so a resumed run repeats an uninterrupted one; validation/test losses are
+    seeded by the batch index. The module provides ``optimizer_factory``, ``lr_scheduler_factory`` and
+    :meth:`no_decay_modules`.
+    """
+
+    def no_decay_modules(self) -> tuple[nn.Module, ...]:
+        """Modules whose parameters get no weight decay (MAR exempts its diffusion head)."""
+        return ()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        seeds = step_seeds(self.hparams.get("seed", 0), self.global_step, self.global_rank)
+        with fork_rng(self.device, seeds[1]):  # dropout draws from the global RNG: seed it per step, then restore
+            loss = self.diffusion_loss(*batch, generator=torch.Generator(self.device).manual_seed(seeds[0]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch[0].shape[0])
+        return loss
+
+    def _eval_loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> Tensor:
+        loss = self.diffusion_loss(*batch, generator=torch.Generator(self.device).manual_seed(batch_idx))
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=batch[0].shape[0], sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_loss(batch, batch_idx, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_loss(batch, batch_idx, "test")
+
+    def configure_optimizers(self) -> Any:
+        return configure_adamw(self, self.no_decay_modules(), self.optimizer_factory, self.lr_scheduler_factory)
