@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,18 +37,27 @@ ROWS = ("CDM", "MAR", "MAR+OT", "AR", "AR+OT")
 METRICS = ("fid", "cond_acc", "sec_per_image")
 REFINE_ROW = "flow"  # the refinement test's variant reported as "+OT"
 DEFAULT_OUT = "outputs/paper_table"
+_SLOTS = threading.BoundedSemaphore(1)  # CLI runs at once over all seeds (``--jobs``), set by main()
 
 
 def _cli(args: list[str], log: Path) -> None:
-    """Run ``python -m lightning_ar.cli ARGS`` in a subprocess; raise with the log's tail if it fails."""
+    """Run ``python -m lightning_ar.cli ARGS`` in a subprocess; raise with the log's tail if it fails.
+
+    A run that finished leaves ``<log>.done``; when that marker exists the run is skipped, so an interrupted table
+    resumes where it stopped (delete a row's folder and marker files to redo it).
+    """
+    done_marker = log.with_suffix(log.suffix + ".done")
+    if done_marker.is_file():
+        return
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as fh:
+    with _SLOTS, log.open("w") as fh:
         done = subprocess.run([sys.executable, "-m", "lightning_ar.cli", *args], cwd=REPO, env=env, stdout=fh,
                               stderr=subprocess.STDOUT)
     if done.returncode:
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise RuntimeError(f"lightning-ar {args[0]} failed (exit {done.returncode}), log {log}:\n{tail}")
+    atomic_write_text(done_marker, " ".join(args) + "\n")
 
 
 def _run_args(stage: str, configs: list[Path], root: Path, name: str, version: str, extra: list[str]) -> list[str]:
@@ -204,7 +214,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--configs", default=str(REPO / "configs" / "digits"), help="folder of the digits configs")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="CLI runs at once per seed (and seeds side by side when > 1); for GPUs or many cores")
+                        help="CLI runs at once, over all seeds (one thread each); default 1. On a CPU use at most "
+                             "the core count, so that the seconds per image stay comparable")
     opts = parser.parse_args(argv)
     if opts.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {opts.seeds}")
@@ -222,13 +233,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return opts
 
 
+def _commit() -> str:
+    """``git describe`` of the code that made the table (``-dirty`` when uncommitted changes were present)."""
+    done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the comparison; return the written JSON payload."""
     opts = parse_args(argv)
     settings = {"seeds": opts.seeds, "max_steps": opts.max_steps, "generator_overlay": opts.generator_overlay,
                 "refine_overlay": opts.refine_overlay,
-                "limit_test_batches": opts.limit_test_batches, "refine_row": REFINE_ROW, "jobs": opts.jobs}
+                "limit_test_batches": opts.limit_test_batches, "refine_row": REFINE_ROW, "jobs": opts.jobs,
+                "commit": _commit()}
     start = time.perf_counter()
+    global _SLOTS
+    _SLOTS = threading.BoundedSemaphore(opts.jobs)
 
     def seed_task(seed: int) -> Callable[[], dict]:
         def run() -> dict:
@@ -238,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         return run
 
-    seed_jobs = opts.seeds if opts.jobs > 1 else 1  # seeds run side by side when CLI runs may overlap
+    seed_jobs = opts.seeds if opts.jobs > 1 else 1  # seeds side by side; _SLOTS bounds the CLI runs at once
     per_seed = dict(enumerate(_parallel([seed_task(s) for s in range(opts.seeds)], seed_jobs)))
     settings["seconds"] = time.perf_counter() - start
     js, md = write_table(per_seed, settings, Path(opts.out))

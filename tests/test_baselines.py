@@ -238,3 +238,13 @@ def test_paper_table_summary_and_options(tmp_path: Path) -> None:
     for bad in (["--seeds", "0"], ["--max-steps", "0"], ["--configs", str(tmp_path)]):
         with pytest.raises(SystemExit):
             pt.parse_args(bad)
+
+
+def test_paper_table_skips_finished_runs_and_marks_only_successes(tmp_path: Path) -> None:
+    pt = _paper_table()
+    log = tmp_path / "x_fit.log"
+    with pytest.raises(RuntimeError, match="failed"):
+        pt._cli(["no-such-subcommand"], log)  # a failing run leaves no marker
+    assert not (tmp_path / "x_fit.log.done").exists()
+    (tmp_path / "x_fit.log.done").write_text("finished earlier\n")
+    pt._cli(["no-such-subcommand"], log)  # finished earlier: skipped, so no failure
