@@ -216,26 +216,42 @@ def test_amortized_refiner_starts_as_identity_and_learns() -> None:
         refiner(z, labels, 3)
 
 
-def test_flow_gradient_skips_the_target_self_term_exactly() -> None:
-    """The flow's gradient uses OT(a,b) - OT(a,a)/2 only; it must equal the gradient of the full debiased divergence
-    (the target's self-transport does not depend on the conditions)."""
+@pytest.mark.parametrize("extra_columns", [0, 3])
+def test_flow_field_equals_geomloss_gradient_of_the_debiased_divergence(extra_columns: int) -> None:
+    """The closed-form field (fused Sinkhorn, no autograd) must equal geomloss's autograd gradient of the full
+    debiased divergence divided by the source weights, on the moving coordinates (fixed columns appended)."""
     from geomloss import SamplesLoss
 
-    from lightning_ar.nn.refine import _gradient
+    from lightning_ar.nn.sinkhorn import divergence_flow_field
 
     gen = torch.Generator().manual_seed(3)
-    x, y = torch.randn(20, 3, generator=gen), torch.randn(30, 3, generator=gen) + 0.5
+    x, y = torch.randn(20, 3 + extra_columns, generator=gen), torch.randn(30, 3 + extra_columns, generator=gen) + 0.5
     a = torch.rand(20, generator=gen) + 0.5
-    a, b = a / a.sum(), torch.full((30,), 1 / 30)
+    a, b = a / a.sum(), torch.rand(30, generator=gen) + 0.5
+    b = b / b.sum()
+    diameter = float((torch.cat([x, y]).amax(0) - torch.cat([x, y]).amin(0)).norm())
     xr = x.clone().requires_grad_(True)
     (full,) = torch.autograd.grad(sinkhorn_divergence(xr, y, 0.3, 0.9, a, b), xr)
-    split = _gradient(x, y, None, 0.3, 0.9, a, b)
-    tol = 2e-3 * float(full.abs().max())  # geomloss's truncated epsilon-scaling differs slightly between the two
-    assert (split - full).abs().max() < tol, (split - full).abs().max()
+    reference = (full / a[:, None])[:, :3]
+    field = divergence_flow_field(x, y, a, b, blur=0.3, scaling=0.9, diameter=diameter, dim=3)
+    assert field.shape == (20, 3)
+    tol = 2e-4 * float(reference.abs().max())  # same algorithm and epsilon schedule, float32 (measured ~5e-6)
+    assert (field - reference).abs().max() < tol, (field - reference).abs().max()
     xr = x.clone().requires_grad_(True)
     ot = SamplesLoss("sinkhorn", p=2, blur=0.3, scaling=0.9, debias=False, backend="tensorized")
     (biased,) = torch.autograd.grad(ot(a, xr, b, y), xr)
-    assert (biased - full).abs().max() > 10 * tol  # the source self-term matters: dropping it would be caught
+    biased = (biased / a[:, None])[:, :3]
+    assert (biased - reference).abs().max() > 10 * tol  # the source self-term matters: dropping it would be caught
+
+
+def test_epsilon_schedule_matches_geomloss() -> None:
+    from geomloss._legacy.sinkhorn_divergence import epsilon_schedule as geomloss_schedule
+
+    from lightning_ar.nn.sinkhorn import epsilon_schedule
+
+    for diameter, blur, scaling in ((7.3, 0.5, 0.3), (1.0, 0.05, 0.9), (0.5, 0.5, 0.5), (30.0, 0.01, 0.7)):
+        ours, theirs = epsilon_schedule(diameter, blur, scaling), geomloss_schedule(2, diameter, blur, scaling)
+        assert len(ours) == len(theirs) and all(abs(o - float(t)) <= 1e-9 * float(t) for o, t in zip(ours, theirs))
 
 
 def test_tracing_does_not_change_the_flow() -> None:
@@ -245,3 +261,13 @@ def test_tracing_does_not_change_the_flow() -> None:
     plain = sinkhorn_flow(x, y, steps=3, eta=0.5, blur=0.2, record_trace=False)
     assert traced.trace.shape == (4,) and plain.trace.shape == (0,)
     assert torch.equal(traced.conditions, plain.conditions)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_flow_rejects_any_non_finite_entry(bad: float) -> None:
+    x, y = torch.randn(6, 3), torch.randn(8, 3)
+    for cloud in ("conditions", "target"):
+        xs, ys = x.clone(), y.clone()
+        (xs if cloud == "conditions" else ys)[-1, -1] = bad
+        with pytest.raises(ValueError, match=f"{cloud} must be finite"):
+            sinkhorn_flow(xs, ys, steps=1)

@@ -96,7 +96,7 @@ class OTRefinement(L.LightningModule):
             default flow: one step of ``eta = 0.6`` (on digits it lowers the held-out divergence as much as two steps
             of 0.3, 39% vs 36%, at half the cost).
         flow_blur: Sinkhorn blur, in condition units.
-        flow_scaling: geomloss epsilon-scaling factor.
+        flow_scaling: epsilon-scaling factor of the Sinkhorn solver.
         flow_lam: Proximity weight ``lambda``.
         label_weight: Weight of the class/position one-hots appended to both clouds.
         target_size: Bank samples per AR step used as the flow's target.
