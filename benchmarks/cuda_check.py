@@ -33,6 +33,24 @@ def _refinement_check(gen: MARGenerator, device: str = "cuda") -> dict:
     }
 
 
+def _flow_field_check(device: str = "cuda") -> dict:
+    """The refinement's fused Sinkhorn field: CUDA equals CPU, and a bf16 autocast region does not change it."""
+    from lightning_ar.nn.sinkhorn import divergence_flow_field
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 40, generator=g), torch.randn(400, 40, generator=g) + 0.3
+    a, b = torch.full((96,), 1 / 96), torch.full((400,), 1 / 400)
+    cpu = divergence_flow_field(x, y, a, b, 0.5, 0.3, 10.0, 32)
+    args = [t.to(device) for t in (x, y, a, b)]
+    gpu = divergence_flow_field(*args, 0.5, 0.3, 10.0, 32)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        gpu_autocast = divergence_flow_field(*args, 0.5, 0.3, 10.0, 32)
+    scale = float(cpu.abs().max())
+    return {"flow_field_cuda_vs_cpu_rel_err": float((gpu.cpu() - cpu).abs().max()) / scale,
+            "flow_field_autocast_rel_err": float((gpu_autocast - gpu).abs().max()) / scale,
+            "flow_field_dtype_under_autocast": str(gpu_autocast.dtype)}
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         print(json.dumps({"skipped": "no CUDA device"}))
@@ -70,8 +88,10 @@ def main() -> None:
     report["bf16_losses_finite"] = all(torch.isfinite(torch.tensor(losses)).tolist())
     report["bf16_loss_first_last"] = [losses[0], losses[-1]]
     report.update(_refinement_check(gpu))
+    report.update(_flow_field_check())
     ok = report["seeded_generate_identical"] and report["generate_on_cuda"] and report["bf16_losses_finite"]
     ok = ok and report["refined_generate_on_cuda"] and report["flow_lowers_own_divergence"]
+    ok = ok and report["flow_field_cuda_vs_cpu_rel_err"] < 1e-4 and report["flow_field_autocast_rel_err"] == 0.0
     ok = ok and report["conditions_cpu_cuda_max_abs_diff"] < 1e-3
     report["ok"] = ok
     print(json.dumps(report, indent=2))

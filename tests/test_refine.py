@@ -271,3 +271,15 @@ def test_flow_rejects_any_non_finite_entry(bad: float) -> None:
         (xs if cloud == "conditions" else ys)[-1, -1] = bad
         with pytest.raises(ValueError, match=f"{cloud} must be finite"):
             sinkhorn_flow(xs, ys, steps=1)
+
+
+def test_flow_field_runs_in_float32_inside_autocast() -> None:
+    from lightning_ar.nn.sinkhorn import divergence_flow_field
+
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(12, 4, generator=gen), torch.randn(16, 4, generator=gen)
+    a, b = torch.full((12,), 1 / 12), torch.full((16,), 1 / 16)
+    plain = divergence_flow_field(x, y, a, b, 0.3, 0.5, 5.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = divergence_flow_field(x, y, a, b, 0.3, 0.5, 5.0)
+    assert inside.dtype == torch.float32 and torch.equal(inside, plain)

@@ -98,8 +98,15 @@ def divergence_flow_field(
         dim: Number of leading (moving) coordinates to return; all ``F`` when ``None``.
 
     Returns:
-        ``[N, dim]`` field ``T_xx(x_i) - T_xy(x_i)``; the flow step is ``x <- x - eta * field``.
+        ``[N, dim]`` float32 field ``T_xx(x_i) - T_xy(x_i)``; the flow step is ``x <- x - eta * field``. Runs in
+        float32 also inside an autocast region.
     """
+    with torch.autocast(x.device.type, enabled=False):  # costs |x|^2 + |y|^2 - 2 x.y need float32 matmuls
+        return _flow_field(x.float(), y.float(), a.float(), b.float(), blur, scaling, diameter, dim)
+
+
+def _flow_field(x: Tensor, y: Tensor, a: Tensor, b: Tensor, blur: float, scaling: float, diameter: float,
+                dim: int | None) -> Tensor:
     dim = x.shape[1] if dim is None else dim
     eps_list = epsilon_schedule(max(diameter, blur), blur, scaling)
     a_log, b_log = a.log(), b.log()
