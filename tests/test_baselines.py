@@ -248,3 +248,42 @@ def test_paper_table_skips_finished_runs_and_marks_only_successes(tmp_path: Path
     assert not (tmp_path / "x_fit.log.done").exists()
     (tmp_path / "x_fit.log.done").write_text("finished earlier\n")
     pt._cli(["no-such-subcommand"], log)  # finished earlier: skipped, so no failure
+
+
+def _memorisation():
+    spec = importlib.util.spec_from_file_location("memorisation", REPO / "benchmarks" / "memorisation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memorisation_separates_copies_from_new_digits() -> None:
+    from lightning_ar.data.sources import DigitsSource
+
+    mem = _memorisation()
+    train, _ = DigitsSource().split("train")
+    test, _ = DigitsSource().split("test")
+    copies = mem.memorisation(train[:180], train, test)
+    assert copies["nn_ratio"] == 0.0 and copies["copy_fraction"] == 1.0
+    unseen = mem.memorisation(test, train, test)
+    assert unseen["nn_ratio"] == pytest.approx(1.0) and unseen["copy_fraction"] == pytest.approx(0.05, abs=0.01)
+    noisy = mem.memorisation(train[:180] + 0.3 * torch.randn(180, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
+                             train, test)
+    assert 0.0 < noisy["nn_ratio"] < 1.0 and noisy["copy_fraction"] < 1.0
+
+
+def test_memorisation_runs_on_a_paper_table_folder(tmp_path: Path, tiny_generator: MARGenerator) -> None:
+    import lightning as L
+
+    mem = _memorisation()
+    for row, module in (("cdm", _tiny_cdm()), ("mar", tiny_generator), ("ar", _tiny_ar())):
+        path = tmp_path / "seed0" / row / "fit" / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                    "pytorch-lightning_version": L.__version__}, path)
+    results = mem.main(["--table", str(tmp_path)])
+    assert set(results) == {"CDM", "MAR", "AR"} and all(set(r) == {"0"} for r in results.values())
+    assert json.loads((tmp_path / "memorisation.json").read_text()) == results
+    assert all(r["0"]["nn_ratio"] > 0 for r in results.values())  # untrained generators copy nothing
+    with pytest.raises(FileNotFoundError, match="no seed"):
+        mem.main(["--table", str(tmp_path / "empty")])
