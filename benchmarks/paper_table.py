@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from lightning_ar.io import atomic_write_text
 
@@ -156,6 +157,16 @@ def run_seed(seed: int, opts: argparse.Namespace) -> dict[str, dict[str, float]]
     return rows
 
 
+def row_samplers(configs: Path) -> dict[str, str]:
+    """``row -> "<sampler>-<steps>"`` from the generator configs; the +OT rows sample with their base generator's."""
+    out = {}
+    for row, name in GENERATORS.items():
+        init = (yaml.safe_load((configs / name).read_text()).get("model") or {}).get("init_args") or {}
+        out[row] = f"{init.get('sampler', 'default')}-{init.get('num_sampling_steps', 'default')}"
+    out.update({row: out[base] for row, (base, _) in REFINED.items()})
+    return out
+
+
 def summarise(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     """``row -> {metric_mean, metric_std, ...}`` over seeds (std with ``ddof=1``; 0 for one seed)."""
     summary = {}
@@ -180,13 +191,14 @@ def format_markdown(summary: dict[str, dict[str, float]], settings: dict) -> str
         f"refine overlay: {settings['refine_overlay'] or 'none'}. Mean ± std over seeds. "
         f"digits-FID real-vs-real floor: {summary['MAR']['fid_floor']:.3g}.",
         "",
-        "| variant | digits-FID | cond. accuracy | sec / image |",
-        "|---|---|---|---|",
+        "| variant | digits-FID | cond. accuracy | sec / image | sampler |",
+        "|---|---|---|---|---|",
     ]
+    samplers = settings.get("samplers") or {}
     for row in ROWS:
         s = summary[row]
         cells = [f"{s[f'{m}_mean']:.4g} ± {s[f'{m}_std']:.2g}" for m in METRICS]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {samplers.get(row, '?')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -213,6 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="trainer.limit_test_batches of every test run (a fraction); default: all")
     parser.add_argument("--configs", default=str(REPO / "configs" / "digits"), help="folder of the digits configs")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--render", default=None, metavar="JSON",
+                        help="only rewrite the markdown (and JSON summary) of an existing paper_table.json")
     parser.add_argument("--jobs", type=int, default=1,
                         help="CLI runs at once, over all seeds (one thread each); default 1. On a CPU use at most "
                              "the core count, so that the seconds per image stay comparable")
@@ -229,8 +243,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, path in (("--generator-overlay", opts.generator_overlay), ("--refine-overlay", opts.refine_overlay)):
         if path and not Path(path).is_file():
             parser.error(f"{flag}: {path} does not exist")
+    if opts.render and not Path(opts.render).is_file():
+        parser.error(f"--render: {opts.render} does not exist")
     opts.out = str(Path(opts.out).resolve())
     return opts
+
+
+def render(path: Path, configs: Path) -> tuple[Path, Path]:
+    """Rewrite the table files of an existing ``paper_table.json`` (e.g. after a format change)."""
+    payload = json.loads(path.read_text())
+    settings = {"samplers": row_samplers(configs), **payload["settings"]}
+    per_seed = {int(k): v for k, v in payload["per_seed"].items()}
+    return write_table(per_seed, settings, path.parent)
 
 
 def _commit() -> str:
@@ -242,10 +266,14 @@ def _commit() -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Run the comparison; return the written JSON payload."""
     opts = parse_args(argv)
+    if opts.render:
+        js, md = render(Path(opts.render), Path(opts.configs))
+        print(md.read_text())
+        return json.loads(js.read_text())
     settings = {"seeds": opts.seeds, "max_steps": opts.max_steps, "generator_overlay": opts.generator_overlay,
                 "refine_overlay": opts.refine_overlay,
                 "limit_test_batches": opts.limit_test_batches, "refine_row": REFINE_ROW, "jobs": opts.jobs,
-                "commit": _commit()}
+                "commit": _commit(), "samplers": row_samplers(Path(opts.configs))}
     start = time.perf_counter()
     global _SLOTS
     _SLOTS = threading.BoundedSemaphore(opts.jobs)
