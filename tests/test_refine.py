@@ -283,3 +283,10 @@ def test_flow_field_runs_in_float32_inside_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = divergence_flow_field(x, y, a, b, 0.3, 0.5, 5.0)
     assert inside.dtype == torch.float32 and torch.equal(inside, plain)
+
+
+@pytest.mark.parametrize("option, value", [("blur", 0.0), ("scaling", 1.0), ("scaling", 0.0)])
+def test_flow_rejects_bad_solver_options(option: str, value: float) -> None:
+    x, y = torch.randn(6, 3), torch.randn(8, 3)
+    with pytest.raises(ValueError, match=f"{option} must be"):
+        sinkhorn_flow(x, y, steps=1, **{option: value}, record_trace=False)

@@ -101,6 +101,10 @@ def divergence_flow_field(
         ``[N, dim]`` float32 field ``T_xx(x_i) - T_xy(x_i)``; the flow step is ``x <- x - eta * field``. Runs in
         float32 also inside an autocast region.
     """
+    if not blur > 0:
+        raise ValueError(f"blur must be > 0, got {blur}")
+    if not 0 < scaling < 1:
+        raise ValueError(f"scaling must be in (0, 1), got {scaling}")
     with torch.autocast(x.device.type, enabled=False):  # costs |x|^2 + |y|^2 - 2 x.y need float32 matmuls
         return _flow_field(x.float(), y.float(), a.float(), b.float(), blur, scaling, diameter, dim)
 
