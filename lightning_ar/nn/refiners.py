@@ -29,8 +29,8 @@ class FlowSettings:
         steps: Flow steps ``K`` per AR step.
         eta: Step size.
         blur: Sinkhorn blur (entropic scale, in condition units).
-        scaling: epsilon-scaling factor of the Sinkhorn solver (0.3; on digits the held-out divergence reduction is the same
-            as with 0.9, at a fraction of the cost).
+        scaling: epsilon-scaling factor of the Sinkhorn solver (0.3; on digits the held-out divergence reduction is
+            the same as with 0.9, at a fraction of the cost).
         lam: Proximity weight ``lambda`` to the produced conditions.
         label_weight: Weight of the appended class/position one-hots (large: no transport across groups);
             ``None`` uses the diameter of the two clouds.
