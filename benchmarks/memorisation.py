@@ -37,7 +37,7 @@ def nearest_distances(images: Tensor, reference: Tensor) -> Tensor:
 
 
 def memorisation(generated: Tensor, train: Tensor, test: Tensor) -> dict[str, float]:
-    """``nn_ratio`` and ``copy_fraction`` of ``generated`` images against the ``train`` split, ``test`` as the yardstick.
+    """``nn_ratio`` and ``copy_fraction`` of ``generated`` images against ``train``, with ``test`` as the yardstick.
 
     Args:
         generated: ``[N, 1, 8, 8]`` generated images (clamped to ``[-1, 1]`` here, as the evaluator does).
