@@ -290,3 +290,10 @@ def test_memorisation_runs_on_a_paper_table_folder(tmp_path: Path, tiny_generato
     assert all(r["0"]["nn_ratio"] > 0 for r in results.values())  # untrained generators copy nothing
     with pytest.raises(FileNotFoundError, match="no seed"):
         mem.main(["--table", str(tmp_path / "empty")])
+
+
+@pytest.mark.parametrize("make", ["mar", "ar", "cdm"])
+def test_diffusion_loss_names_latent_shape_for_wrong_data(make: str, tiny_generator: MARGenerator) -> None:
+    module = {"mar": lambda: tiny_generator, "ar": _tiny_ar, "cdm": _tiny_cdm}[make]()
+    with pytest.raises(ValueError, match=r"data latents have shape \(1, 4, 4\) but model.latent_shape"):
+        module.diffusion_loss(torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))

@@ -139,10 +139,7 @@ class CausalARGenerator(DiffusionLossSteps, L.LightningModule):
         Returns:
             Scalar loss.
         """
-        if tuple(latents.shape[1:]) != self.latent_shape:
-            raise ValueError(
-                f"data latents have shape {tuple(latents.shape[1:])} but model.latent_shape is {self.latent_shape}"
-            )
+        self.check_batch_latents(latents)
         tokens = patchify(latents, self.hparams.patch_size)[:, self.mar.order]  # (B, L, Dt) generation order
         z = self.mar.conditions_ordered(tokens, labels, self.mar.label_drop(labels, generator))  # (B, L, W)
         mul = self.hparams.diffusion_batch_mul

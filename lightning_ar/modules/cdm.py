@@ -126,10 +126,7 @@ class ConditionalDiffusion(DiffusionLossSteps, L.LightningModule):
         Returns:
             Scalar loss.
         """
-        if tuple(latents.shape[1:]) != self.latent_shape:
-            raise ValueError(
-                f"data latents have shape {tuple(latents.shape[1:])} but model.latent_shape is {self.latent_shape}"
-            )
+        self.check_batch_latents(latents)
         mul = self.hparams.diffusion_batch_mul
         tokens = patchify(latents, self.hparams.patch_size).repeat(mul, 1, 1)  # (B*mul, L, Dt)
         z = self.static_conditions(labels, self.classes.label_drop(labels, generator)).repeat(mul, 1, 1)

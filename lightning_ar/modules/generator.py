@@ -139,10 +139,7 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
         Returns:
             Scalar loss.
         """
-        if tuple(latents.shape[1:]) != self.latent_shape:
-            raise ValueError(
-                f"data latents have shape {tuple(latents.shape[1:])} but model.latent_shape is {self.latent_shape}"
-            )
+        self.check_batch_latents(latents)
         tokens = patchify(latents, self.hparams.patch_size)  # (B, L, Dt)
         ratio = sample_mask_ratio(generator, latents.device, low=self.hparams.mask_ratio_min,
                                   std=self.hparams.mask_ratio_std)

@@ -24,6 +24,13 @@ class DiffusionLossSteps:
         """Modules whose parameters get no weight decay (MAR exempts its diffusion head)."""
         return ()
 
+    def check_batch_latents(self, latents: Tensor) -> None:
+        """Raise ``ValueError`` naming ``model.latent_shape`` unless ``latents`` is ``[B, *latent_shape]``."""
+        if tuple(latents.shape[1:]) != tuple(self.latent_shape):
+            raise ValueError(
+                f"data latents have shape {tuple(latents.shape[1:])} but model.latent_shape is {self.latent_shape}"
+            )
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         seeds = step_seeds(self.hparams.get("seed", 0), self.global_step, self.global_rank)
         with fork_rng(self.device, seeds[1]):  # dropout draws from the global RNG: seed it per step, then restore
