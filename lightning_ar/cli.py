@@ -74,7 +74,22 @@ def main(args: list[str] | None = None) -> None:
     if argv and argv[0] in TOOLS:
         _tool(argv[0])(argv[1:])
         return
-    build_cli(argv)
+    try:
+        build_cli(argv)
+    finally:
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """Tear down the default process group that a DDP run left (Lightning keeps it alive after the stage).
+
+    Without this, gloo's worker threads can still hold work objects when the interpreter finalizes, and the
+    process aborts with ``terminate called without an active exception`` (SIGABRT) after a successful run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -80,3 +80,16 @@ def test_sharded_generation_covers_every_index_and_matches_one_process(ddp_fit: 
     assert ranks == {"rank0", "rank1"}, "both processes must generate"
     for index in one:
         np.testing.assert_array_equal(two[index], one[index], err_msg=f"index {index}")
+
+
+def test_cli_tears_down_the_process_group(tmp_path: Path) -> None:
+    """A DDP stage leaves Lightning's process group alive; ``main`` destroys it, or gloo's threads can abort the
+    process at interpreter exit (SIGABRT after a successful run)."""
+    import torch.distributed as dist
+
+    from lightning_ar.cli import main
+
+    main(["test", "--config", DIGITS, "--config", DEBUG, "--trainer.strategy", "ddp", "--trainer.devices", "1",
+          "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+          "--trainer.default_root_dir", str(tmp_path)])
+    assert dist.is_available() and not dist.is_initialized()

@@ -108,8 +108,9 @@ class _TheoryMonitor(Callback):
                                             global_step=trainer.global_step, dataformats="HWC")
 
     def _flush(self, pl_module: L.LightningModule) -> None:
+        # Every rank measures the same seeded batch; sync_dist averages identical values (and keeps DDP quiet).
         for key, value in self._pending.items():
-            pl_module.log(key, float(value))
+            pl_module.log(key, float(value), sync_dist=True)
         self._pending = {}
 
     @override
