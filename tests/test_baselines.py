@@ -207,6 +207,9 @@ def test_bad_options_raise_clear_errors(tmp_path: Path) -> None:
         _tiny_cdm(width=30, num_heads=4)
     with pytest.raises(ValueError, match="model.sampler"):
         _tiny_cdm(sampler="euler")
+    for build in (_tiny_ar, _tiny_cdm):
+        with pytest.raises(ValueError, match="model.timestep_spacing must be one of .*'uniform'"):
+            build(timestep_spacing="uniform")
     with pytest.raises(ValueError, match="labels must be in"):
         _tiny_cdm().generate(torch.tensor([-1]))
     with pytest.raises(ValueError, match="latent_shape"):

@@ -234,6 +234,74 @@ def ours_to_official_index() -> torch.Tensor:
     return torch.stack([(official == v).nonzero()[0, 0] for v in ours])
 
 
+def mar_space_timesteps(num_timesteps: int, count: int) -> list[int]:
+    """IDDPM's ``space_timesteps(num_timesteps, str(count))`` (one section), which MAR's ``create_diffusion`` uses."""
+    stride = (num_timesteps - 1) / (count - 1)
+    return sorted({round(i * stride) for i in range(count)})
+
+
+def mar_cosine_alphas_cumprod(num_timesteps: int) -> torch.Tensor:
+    """IDDPM's "cosine" schedule (betas capped at 0.999), cumulated, float64."""
+    def abar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - abar((i + 1) / num_timesteps) / abar(i / num_timesteps), 0.999) for i in range(num_timesteps)]
+    return torch.cumprod(1 - torch.tensor(betas, dtype=torch.float64), 0)
+
+
+def mar_respaced_sample(model, z, z_null, cfg, noises, steps: int, temperature: float) -> torch.Tensor:
+    """MAR's DiffLoss.sample: respaced GaussianDiffusion.p_sample_loop with learned-range variance, CFG on the noise
+    (the variance of the conditional half), ``temperature`` on the injected noise, no noise at the last step.
+    ``model(x, t, z)`` is the head on original timesteps; ``noises[0]`` starts the chain, ``noises[k]`` is step k's."""
+    use = mar_space_timesteps(1000, steps)
+    ab = mar_cosine_alphas_cumprod(1000)[use]
+    ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+    betas = 1 - ab / ab_prev
+    post_var = betas * (1 - ab_prev) / (1 - ab)
+    post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+    coef_x0, coef_xt = betas * ab_prev.sqrt() / (1 - ab), (1 - ab_prev) * (1 - betas).sqrt() / (1 - ab)
+    x, n = noises[0].double(), z.shape[0]
+    for k, i in enumerate(reversed(range(len(use)))):
+        t = torch.full((2 * n,), use[i])
+        out = model(torch.cat([x, x]).float(), t, torch.cat([z, z_null])).double()
+        eps, v = out[:, : x.shape[1]], out[:n, x.shape[1]:]
+        eps = eps[n:] + cfg * (eps[:n] - eps[n:])
+        frac = (v + 1) / 2
+        log_var = frac * torch.log(betas[i]) + (1 - frac) * post_log_var[i]
+        pred_x0 = (x - (1 - ab[i]).sqrt() * eps) / ab[i].sqrt()
+        mean = coef_x0[i] * pred_x0 + coef_xt[i] * x
+        x = mean + torch.exp(0.5 * log_var) * noises[k + 1].double() * temperature if i > 0 else mean
+    return x.float()
+
+
+def test_imported_head_samples_as_mar_respaced_ddpm(tiny_import) -> None:
+    """The imported model's head sampler is MAR's: linspace-respaced timesteps (0, 10, ..., 999), respaced betas,
+    learned-range variance, CFG and temperature, computed against the independent MAR head implementation."""
+    official, _, out = tiny_import
+    gen = MARGenerator.load_from_checkpoint(out, map_location="cpu").eval()
+    assert gen.hparams.timestep_spacing == "linspace"
+    steps = 20
+    timesteps = sorted(int(t) for t in gen.head._scheduler("ddpm", steps, torch.device("cpu")).timesteps)
+    assert timesteps == mar_space_timesteps(1000, steps)
+    perm = ours_to_official_index()
+
+    def mar_model(x_ours, t, z):  # MAR's head in its (c p q) layout, inputs and outputs in ours
+        x_off = torch.empty_like(x_ours)
+        x_off[:, perm] = x_ours
+        y = mar_head(official, x_off, t, z, depth=2)
+        return torch.cat([y[:, :64][:, perm], y[:, 64:][:, perm]], 1)
+
+    g = torch.Generator().manual_seed(5)
+    z, z_null = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g)
+    with torch.no_grad():
+        ours = gen.head.sample(z, z_null, cfg=2.5, temperature=0.9, sampler="ddpm", num_steps=steps,
+                               generator=torch.Generator().manual_seed(11))
+        draws = torch.Generator().manual_seed(11)  # the same draws in the same order: start, then one per step
+        noises = [torch.randn(6, 64, generator=draws) for _ in range(steps)]
+        ref = mar_respaced_sample(mar_model, z, z_null, 2.5, noises, steps, temperature=0.9)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_round_trip_preserves_conditions_and_every_parameter(tiny_import) -> None:
     official, _, out = tiny_import
     fresh = MARGenerator(**torch.load(out, weights_only=False)["hyper_parameters"])

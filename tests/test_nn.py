@@ -127,11 +127,12 @@ def test_diffusion_loss_decreases_on_tiny_overfit() -> None:
     assert after < 0.6 * before, (before, after)
 
 
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
-def test_head_sampler_recovers_a_point_mass(sampler: str) -> None:
-    """With the exact noise predictor of a point mass at mu, every sampler must land on mu."""
+def test_head_sampler_recovers_a_point_mass(sampler: str, spacing: str) -> None:
+    """With the exact noise predictor of a point mass at mu, every sampler must land on mu, with either spacing."""
     mu = torch.tensor([0.5, -1.0, 2.0, 0.0])
-    head = DiffusionLoss(token_dim=4, cond_dim=8, width=16, depth=1, learn_sigma=False)
+    head = DiffusionLoss(token_dim=4, cond_dim=8, width=16, depth=1, learn_sigma=False, timestep_spacing=spacing)
 
     class Oracle(torch.nn.Module):
         """The denoiser interface the samplers use: embedded condition (0) + embedded timestep (t itself)."""
@@ -172,6 +173,15 @@ def test_head_sampler_rejects_unknown_name() -> None:
     head = DiffusionLoss(token_dim=4, cond_dim=8, width=16, depth=1)
     with pytest.raises(ValueError, match="sampler must be one of"):
         head.sample(torch.zeros(2, 8), sampler="euler")
+    with pytest.raises(ValueError, match="timestep_spacing must be one of"):
+        DiffusionLoss(token_dim=4, cond_dim=8, width=16, depth=1, timestep_spacing="uniform")
+
+
+@pytest.mark.parametrize(("spacing", "first", "last"), [("leading", 990, 0), ("linspace", 999, 0), ("trailing", 999, 9)])
+def test_timestep_spacing_sets_the_sampling_timesteps(spacing: str, first: int, last: int) -> None:
+    head = DiffusionLoss(token_dim=4, cond_dim=8, width=16, depth=1, timestep_spacing=spacing)
+    timesteps = head._scheduler("ddpm", 100, torch.device("cpu")).timesteps.tolist()
+    assert (len(timesteps), timesteps[0], timesteps[-1]) == (100, first, last)
 
 
 def test_sample_tokens_fills_trace() -> None:

@@ -120,7 +120,7 @@ def generator_hparams(official: Mapping[str, Tensor], size: str | MARSize) -> di
         buffer_size=official["encoder_pos_embed_learned"].shape[1] - seq_len, dropout=0.1, label_drop_prob=0.1,
         head_width=spec.head_width, head_depth=spec.head_depth, diffusion_batch_mul=4, num_train_timesteps=1000,
         mask_ratio_min=0.7, mask_ratio_std=0.25, num_iter=64, cfg=spec.cfg, cfg_schedule="linear", temperature=1.0,
-        num_sampling_steps=100, sampler="ddpm",
+        num_sampling_steps=100, sampler="ddpm", timestep_spacing="linspace",
     )
 
 

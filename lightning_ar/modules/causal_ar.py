@@ -11,7 +11,7 @@ from torch import Tensor
 from lightning_ar.modules.steps import DiffusionLossSteps
 from lightning_ar.modules.utils import check_latent_shape, eval_mode
 from lightning_ar.nn.causal import ORDERS, CausalTransformer, sample_causal_tokens
-from lightning_ar.nn.diffusion_loss import DiffusionLoss
+from lightning_ar.nn.diffusion_loss import TIMESTEP_SPACINGS, DiffusionLoss
 from lightning_ar.nn.mar import patchify, unpatchify
 from lightning_ar.nn.sampler import ConditionRefiner, check_sampling_args
 from lightning_ar.nn.trace import GenerationTrace
@@ -55,6 +55,8 @@ class CausalARGenerator(DiffusionLossSteps, L.LightningModule):
         temperature: Default sampling temperature.
         num_sampling_steps: Default denoising steps of the head per token.
         sampler: Default head sampler: ``ddpm``, ``ddim`` or ``dpm++``.
+        timestep_spacing: Spacing of the head's sampling timesteps: ``leading`` (default), ``linspace`` (MAR's
+            respacing; set by ``import-mar``) or ``trailing``.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class CausalARGenerator(DiffusionLossSteps, L.LightningModule):
         temperature: float = 1.0,
         num_sampling_steps: int = 100,
         sampler: str = "ddpm",
+        timestep_spacing: str = "leading",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -100,7 +103,8 @@ class CausalARGenerator(DiffusionLossSteps, L.LightningModule):
             self.token_dim, self.seq_len, num_classes, width, encoder_depth, decoder_depth, num_heads, mlp_ratio,
             buffer_size, dropout, label_drop_prob, order, order_seed,
         )
-        self.head = DiffusionLoss(self.token_dim, width, head_width, head_depth, num_train_timesteps)
+        self.head = DiffusionLoss(self.token_dim, width, head_width, head_depth, num_train_timesteps,
+                                  timestep_spacing=timestep_spacing)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
 
     def _check_options(self) -> None:
@@ -126,6 +130,8 @@ class CausalARGenerator(DiffusionLossSteps, L.LightningModule):
             raise ValueError(f"model.{err}") from None
         if not 1 <= hp.num_sampling_steps <= hp.num_train_timesteps:
             raise ValueError(f"model.num_sampling_steps must be in [1, {hp.num_train_timesteps}]")
+        if hp.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"model.timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {hp.timestep_spacing!r}")
 
     # ----------------------------------------------------------------------------------------------- training
     def diffusion_loss(self, latents: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_ar.modules.steps import DiffusionLossSteps
 from lightning_ar.modules.utils import check_latent_shape, eval_mode
-from lightning_ar.nn.diffusion_loss import SAMPLERS
+from lightning_ar.nn.diffusion_loss import SAMPLERS, TIMESTEP_SPACINGS
 from lightning_ar.nn.dit import ClassEmbedding, SequenceDiffusion
 from lightning_ar.nn.mar import patchify, unpatchify
 from lightning_ar.nn.sampler import check_sampling_args
@@ -52,6 +52,8 @@ class ConditionalDiffusion(DiffusionLossSteps, L.LightningModule):
         temperature: Default sampling temperature.
         num_sampling_steps: Default denoising steps.
         sampler: Default sampler: ``ddpm``, ``ddim`` or ``dpm++``.
+        timestep_spacing: Spacing of the head's sampling timesteps: ``leading`` (default), ``linspace`` (MAR's
+            respacing; set by ``import-mar``) or ``trailing``.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class ConditionalDiffusion(DiffusionLossSteps, L.LightningModule):
         temperature: float = 1.0,
         num_sampling_steps: int = 100,
         sampler: str = "ddpm",
+        timestep_spacing: str = "leading",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -89,7 +92,8 @@ class ConditionalDiffusion(DiffusionLossSteps, L.LightningModule):
         self._check_options()
         self.classes = ClassEmbedding(num_classes, width, label_drop_prob)
         self.head = SequenceDiffusion(self.token_dim, self.seq_len, width, encoder_depth + decoder_depth, num_heads,
-                                      mlp_ratio, dropout, head_width, head_depth, num_train_timesteps)
+                                      mlp_ratio, dropout, head_width, head_depth, num_train_timesteps,
+                                      timestep_spacing)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
 
     def _check_options(self) -> None:
@@ -103,6 +107,8 @@ class ConditionalDiffusion(DiffusionLossSteps, L.LightningModule):
             (hp.diffusion_batch_mul >= 1, f"model.diffusion_batch_mul must be >= 1, got {hp.diffusion_batch_mul}"),
             (hp.sampler in SAMPLERS, f"model.sampler must be one of {SAMPLERS}, got {hp.sampler!r}"),
             (hp.temperature > 0, f"model.temperature must be > 0, got {hp.temperature}"),
+            (hp.timestep_spacing in TIMESTEP_SPACINGS,
+             f"model.timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {hp.timestep_spacing!r}"),
             (1 <= hp.num_sampling_steps <= hp.num_train_timesteps,
              f"model.num_sampling_steps must be in [1, {hp.num_train_timesteps}], got {hp.num_sampling_steps}"),
         ]

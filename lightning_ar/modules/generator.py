@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightning_ar.modules.steps import DiffusionLossSteps
 from lightning_ar.modules.utils import check_latent_shape, check_state_shapes, eval_mode
-from lightning_ar.nn.diffusion_loss import DiffusionLoss
+from lightning_ar.nn.diffusion_loss import TIMESTEP_SPACINGS, DiffusionLoss
 from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, patchify, unpatchify
 from lightning_ar.nn.masking import mask_from_orders, num_masked_for_training, random_orders, sample_mask_ratio
 from lightning_ar.nn.sampler import ConditionRefiner, check_sampling_args, sample_tokens
@@ -49,6 +49,8 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
         temperature: Default sampling temperature.
         num_sampling_steps: Default denoising steps of the head per AR step (MAR: 100).
         sampler: Default head sampler: ``ddpm``, ``ddim`` or ``dpm++``.
+        timestep_spacing: Spacing of the head's sampling timesteps: ``leading`` (default), ``linspace`` (MAR's
+            respacing; set by ``import-mar``) or ``trailing``.
         seed: Base seed of the training randomness: step ``s`` on process ``r`` draws mask ratio, orders, label drop,
             timesteps, noise and dropout from seeds derived from ``(seed, s, r)``, so a resumed run repeats exactly
             what an uninterrupted one does, whatever the state of the global RNG.
@@ -82,6 +84,7 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
         temperature: float = 1.0,
         num_sampling_steps: int = 100,
         sampler: str = "ddpm",
+        timestep_spacing: str = "leading",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -94,7 +97,8 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
             self.token_dim, self.seq_len, num_classes, width, encoder_depth, decoder_depth, num_heads, mlp_ratio,
             buffer_size, dropout, label_drop_prob,
         )
-        self.head = DiffusionLoss(self.token_dim, width, head_width, head_depth, num_train_timesteps)
+        self.head = DiffusionLoss(self.token_dim, width, head_width, head_depth, num_train_timesteps,
+                                  timestep_spacing=timestep_spacing)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
 
     def _check_options(self) -> None:
@@ -126,6 +130,8 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
             raise ValueError(f"model.{err}") from None
         if not 1 <= hp.num_sampling_steps <= hp.num_train_timesteps:
             raise ValueError(f"model.num_sampling_steps must be in [1, {hp.num_train_timesteps}]")
+        if hp.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"model.timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {hp.timestep_spacing!r}")
 
     # ----------------------------------------------------------------------------------------------- training
     def diffusion_loss(self, latents: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:

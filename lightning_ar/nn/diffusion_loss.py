@@ -20,6 +20,8 @@ from lightning_ar.nn.diffusion_head import AdaLNMLPDenoiser
 
 SamplerName = Literal["ddpm", "ddim", "dpm++"]
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm++")
+# diffusers' spacings of the sampling timesteps; "linspace" is MAR's respacing (space_timesteps(1000, "100")).
+TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "linspace", "trailing")
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -50,6 +52,9 @@ class DiffusionLoss(nn.Module):
         num_train_timesteps: Diffusion steps used in training (MAR: 1000).
         beta_schedule: diffusers beta schedule name (MAR's cosine schedule is ``squaredcos_cap_v2``).
         learn_sigma: Learn the variance (learned-range interpolation with the VB term), as MAR does.
+        timestep_spacing: Where the sampling timesteps lie (diffusers' ``timestep_spacing``): ``leading``
+            (``990, 980, ..., 0`` for 100 of 1000 steps), ``linspace`` (``999, 989, ..., 0``: MAR's respacing, used
+            for imported MAR weights) or ``trailing`` (``999, 989, ..., 9``).
     """
 
     def __init__(
@@ -61,8 +66,11 @@ class DiffusionLoss(nn.Module):
         num_train_timesteps: int = 1000,
         beta_schedule: str = "squaredcos_cap_v2",
         learn_sigma: bool = True,
+        timestep_spacing: str = "leading",
     ) -> None:
         super().__init__()
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
         self.token_dim, self.learn_sigma = token_dim, learn_sigma
         self.net = AdaLNMLPDenoiser(token_dim, cond_dim, width, depth, learn_sigma)
         self.scheduler = DDPMScheduler(
@@ -71,7 +79,7 @@ class DiffusionLoss(nn.Module):
             variance_type="learned_range" if learn_sigma else "fixed_small",
             clip_sample=False,
             prediction_type="epsilon",
-            timestep_spacing="leading",
+            timestep_spacing=timestep_spacing,
         )
         self._register_schedule(self.scheduler.alphas_cumprod.double())
 
@@ -207,10 +215,10 @@ class DiffusionLoss(nn.Module):
             cfg: Guidance scale (used when ``z_null`` is given).
             temperature: Scale of the injected noise (DDPM) or of the initial noise (DDIM, DPM-Solver++).
             sampler: ``"ddpm"`` (respaced), ``"ddim"`` or ``"dpm++"``.
-            num_steps: Number of denoising steps (at most ``num_train_timesteps``). Timesteps are spaced "leading"
-                (``990, 980, ..., 0`` for 100 steps): starting at ``t=999``, where the capped cosine schedule has
-                ``sqrt(alpha_bar) ~ 5e-5``, would amplify small noise errors a hundredfold (only ``num_steps`` near
-                1000 start there).
+            num_steps: Number of denoising steps (at most ``num_train_timesteps``), spaced by the head's
+                ``timestep_spacing``. The default "leading" (``990, 980, ..., 0`` for 100 steps) does not start at
+                ``t=999``, where the capped cosine schedule has ``sqrt(alpha_bar) ~ 5e-5`` and the predicted clean
+                token amplifies noise-prediction errors; "linspace" starts there, as MAR does.
             generator: RNG on ``z``'s device for all noise.
 
         Returns:

@@ -183,12 +183,14 @@ class SequenceDiffusion(DiffusionLoss):
         head_width: Width of the output AdaLN MLP.
         head_depth: Residual blocks of the output AdaLN MLP.
         num_train_timesteps: Diffusion training steps.
+        timestep_spacing: Spacing of the sampling timesteps (see :class:`DiffusionLoss`).
     """
 
     def __init__(self, token_dim: int, seq_len: int, width: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
                  dropout: float = 0.0, head_width: int = 256, head_depth: int = 3,
-                 num_train_timesteps: int = 1000) -> None:
-        super().__init__(token_dim, width, head_width, head_depth, num_train_timesteps)
+                 num_train_timesteps: int = 1000, timestep_spacing: str = "leading") -> None:
+        super().__init__(token_dim, width, head_width, head_depth, num_train_timesteps,
+                         timestep_spacing=timestep_spacing)
         self.seq_len = seq_len
         self.net = DiTDenoiser(token_dim, seq_len, width, depth, num_heads, mlp_ratio, dropout, head_width,
                                head_depth, self.learn_sigma)
