@@ -2,6 +2,9 @@
 
     python benchmarks/sampler_quality.py outputs/demo/fit/checkpoints/last.ckpt [--seeds 3] [--out outputs/bench]
 
+The checkpoint may be any generator of the collection saved by ``lightning-ar fit`` (``MARGenerator``,
+``CausalARGenerator``, ``ConditionalDiffusion``); its class is read from the checkpoint.
+
 For every setting it reports digits-FID and conditional accuracy (per seed: mean and std; and pooled over all seeds),
 seconds per image, the end-to-end speed-up over DDPM-100 and whether it is at equal quality: pooled digits-FID
 within 10% of DDPM-100's and conditional accuracy within 1 point. Prints JSON and writes
@@ -62,26 +65,41 @@ def judge(rows: dict[str, dict[str, Any]]) -> None:
         row["equal_quality"] = row["fid_rel_change"] <= 0.10 and row["cond_acc_change"] >= -0.01
 
 
-def evaluate(checkpoint: str, seeds: int = 3) -> dict[str, Any]:
-    """Score every setting of :data:`SETTINGS` on the digits test labels, ``seeds`` seeds each."""
-    from lightning_ar import LatentDataModule, MARGenerator
+def load_generator(checkpoint: str):
+    """The generator saved in ``checkpoint``: its class comes from the checkpoint's hparams (``_class_path``, written
+    by LightningCLI), else ``MARGenerator``."""
+    import lightning.pytorch as L
+
+    from lightning_ar import MARGenerator
+
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    if "_class_path" in saved.get("hyper_parameters", {}):
+        return L.LightningModule.load_from_checkpoint(checkpoint, map_location="cpu")  # lightning_ar is imported
+    return MARGenerator.load_from_checkpoint(checkpoint, map_location="cpu")
+
+
+def evaluate(checkpoint: str, seeds: int = 3, labels: torch.Tensor | None = None) -> dict[str, Any]:
+    """Score every setting of :data:`SETTINGS` on ``labels`` (default: the digits test split's), ``seeds`` seeds
+    each."""
+    from lightning_ar import LatentDataModule
     from lightning_ar.metrics import DigitsEvaluator
 
-    model = MARGenerator.load_from_checkpoint(checkpoint, map_location="cpu")
+    model = load_generator(checkpoint).eval()
     evaluator = DigitsEvaluator()
     evaluator.prepare(torch.device("cpu"))
-    _, labels = LatentDataModule("digits").source.split("test")
+    if labels is None:
+        _, labels = LatentDataModule("digits").source.split("test")
     rows = {name: run_setting(model, evaluator, labels, *setting, seeds) for name, setting in SETTINGS.items()}
     judge(rows)
-    return {"checkpoint": checkpoint, "seeds": seeds, "images_per_seed": len(labels), "cfg": model.hparams.cfg,
-            "num_iter": model.hparams.num_iter, "settings": rows}
+    return {"checkpoint": checkpoint, "model": type(model).__name__, "seeds": seeds, "images_per_seed": len(labels),
+            "cfg": model.hparams.cfg, "num_iter": model.hparams.get("num_iter"), "settings": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
     from lightning_ar.io import atomic_write_text
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="a trained digits MARGenerator checkpoint (e.g. from `make demo`)")
+    parser.add_argument("checkpoint", help="a trained digits generator checkpoint (e.g. from `make demo`)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default="outputs/bench")
     args = parser.parse_args(argv)

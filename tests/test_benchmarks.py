@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
+import lightning
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -54,3 +57,22 @@ def test_sampler_verdict_uses_both_quality_bounds() -> None:
     assert rows["fast"]["equal_quality"] and rows["fast"]["speedup_vs_ddpm100"] == 3.0
     assert not rows["worse_fid"]["equal_quality"]
     assert not rows["worse_acc"]["equal_quality"]
+
+
+@pytest.mark.parametrize("name", ["CausalARGenerator", "ConditionalDiffusion"])
+def test_sampler_quality_reads_any_generator_checkpoint(name: str, tmp_path: Path, monkeypatch) -> None:
+    """The sampler comparison runs on the baselines' checkpoints too (class read from LightningCLI's hparams)."""
+    import lightning_ar
+
+    torch.manual_seed(0)
+    model = getattr(lightning_ar, name)(latent_shape=(1, 8, 8), num_classes=10, width=32, encoder_depth=1,
+                                        decoder_depth=1, num_heads=2, head_width=32, head_depth=1)
+    hparams = {**model.hparams, "_class_path": f"lightning_ar.{name}",
+               "_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams,
+                "pytorch-lightning_version": lightning.__version__}, tmp_path / "g.ckpt")
+    monkeypatch.setattr(sampler_quality, "SETTINGS", {sampler_quality.REFERENCE: ("ddpm", 4), "ddim-2": ("ddim", 2)})
+    result = sampler_quality.evaluate(str(tmp_path / "g.ckpt"), seeds=1, labels=torch.arange(10).repeat(2))
+    assert result["model"] == name and set(result["settings"]) == {"ddpm-100", "ddim-2"}
+    for row in result["settings"].values():
+        assert math.isfinite(row["fid_pooled"]) and 0 <= row["cond_acc_pooled"] <= 1 and row["sec_per_image"] > 0
