@@ -177,7 +177,8 @@ def test_head_sampler_rejects_unknown_name() -> None:
         DiffusionLoss(token_dim=4, cond_dim=8, width=16, depth=1, timestep_spacing="uniform")
 
 
-@pytest.mark.parametrize(("spacing", "first", "last"), [("leading", 990, 0), ("linspace", 999, 0), ("trailing", 999, 9)])
+@pytest.mark.parametrize(("spacing", "first", "last"),
+                         [("leading", 990, 0), ("linspace", 999, 0), ("trailing", 999, 9)])
 def test_timestep_spacing_sets_the_sampling_timesteps(spacing: str, first: int, last: int) -> None:
     head = DiffusionLoss(token_dim=4, cond_dim=8, width=16, depth=1, timestep_spacing=spacing)
     timesteps = head._scheduler("ddpm", 100, torch.device("cpu")).timesteps.tolist()
