@@ -112,3 +112,22 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path: Path) -> None:
     a, b = training_state(tmp_path / "straight/ckpt/last.ckpt"), training_state(tmp_path / "killed/ckpt/last.ckpt")
     assert a["global_step"] == 9 and a["ema_callback"], "EMA state missing from the checkpoint"
     assert_same(a, b)
+
+
+@pytest.mark.parametrize("config", ["digits/mar.yaml", "digits/ar.yaml", "digits/cdm.yaml", "gmm/mar.yaml"])
+def test_shipped_configs_checkpoint_every_epoch(config: str, tmp_path: Path) -> None:
+    """With the shipped configs' ModelCheckpoint, a run SIGKILLed in its second epoch leaves the first epoch's
+    checkpoint as ``last.ckpt``, and a finished run leaves its final step there (also when it ends mid-epoch)."""
+    def run(root: Path, *extra: str) -> subprocess.CompletedProcess:
+        return run_cli("fit", "--config", str(REPO / "configs" / config), "--config", str(REPO / "configs/debug.yaml"),
+                       "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
+                       "--trainer.enable_progress_bar", "false", "--trainer.limit_train_batches", "2",
+                       "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "3", *extra)
+
+    finished = run(tmp_path / "finished", "--trainer.max_steps", "5")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert torch.load(tmp_path / "finished/checkpoints/last.ckpt", weights_only=False)["global_step"] == 5
+    killed = run(tmp_path / "killed", "--trainer.max_steps", "-1",
+                 "--trainer.callbacks+=test_reliability_resume.KillAtStep", "--trainer.callbacks.step", "3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert torch.load(tmp_path / "killed/checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
