@@ -240,7 +240,7 @@ def test_paper_table_summary_and_options(tmp_path: Path) -> None:
     assert "| MAR+OT | 13 ± 1.4 |" in md.read_text()
     pt.main(["--render", str(js)])  # re-render with the samplers read from the shipped configs
     text = md.read_text()
-    assert "| MAR+OT | 13 ± 1.4 |" in text and text.count("| ddpm-10 |") == 3 and text.count("| dpm++-20 |") == 2
+    assert "| MAR+OT | 13 ± 1.4 |" in text and text.count("| ddpm-10 |") == 3 and text.count("| ddpm-100 |") == 2
     for bad in (["--seeds", "0"], ["--max-steps", "0"], ["--configs", str(tmp_path)]):
         with pytest.raises(SystemExit):
             pt.parse_args(bad)
