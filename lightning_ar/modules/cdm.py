@@ -52,8 +52,8 @@ class ConditionalDiffusion(DiffusionLossSteps, L.LightningModule):
         temperature: Default sampling temperature.
         num_sampling_steps: Default denoising steps.
         sampler: Default sampler: ``ddpm``, ``ddim`` or ``dpm++``.
-        timestep_spacing: Spacing of the head's sampling timesteps: ``leading`` (default), ``linspace`` (MAR's
-            respacing; set by ``import-mar``) or ``trailing``.
+        timestep_spacing: Spacing of the sampling timesteps: ``leading`` (default), ``linspace`` (MAR's respacing)
+            or ``trailing``.
     """
 
     def __init__(
