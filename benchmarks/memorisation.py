@@ -78,7 +78,7 @@ def run(table: Path) -> dict[str, dict[str, dict[str, float]]]:
             ckpt = seed_dir / row.lower() / "fit" / "checkpoints" / "last.ckpt"
             if not ckpt.is_file():
                 raise FileNotFoundError(f"{ckpt} is missing (an unfinished paper table run?)")
-            module = cls.load_from_checkpoint(ckpt, map_location="cpu")
+            module = cls.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
             generated = sample(module, test_labels, seed)
             results.setdefault(row, {})[str(seed)] = memorisation(generated, train, test)
             print(f"seed {seed} {row}: {results[row][str(seed)]}", flush=True)

@@ -66,16 +66,13 @@ def judge(rows: dict[str, dict[str, Any]]) -> None:
 
 
 def load_generator(checkpoint: str):
-    """The generator saved in ``checkpoint``: its class comes from the checkpoint's hparams (``_class_path``, written
-    by LightningCLI), else ``MARGenerator``."""
-    import lightning.pytorch as L
+    """The generator saved in ``checkpoint`` (read with ``weights_only=True``): its class is the one the checkpoint
+    records (LightningCLI's ``_class_path`` or this project's record), else ``MARGenerator``."""
+    from lightning_ar import CausalARGenerator, ConditionalDiffusion, MARGenerator
+    from lightning_ar.checkpoints.loading import build_from_checkpoint
 
-    from lightning_ar import MARGenerator
-
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-    if "_class_path" in saved.get("hyper_parameters", {}):
-        return L.LightningModule.load_from_checkpoint(checkpoint, map_location="cpu")  # lightning_ar is imported
-    return MARGenerator.load_from_checkpoint(checkpoint, map_location="cpu")
+    allowed = (MARGenerator, CausalARGenerator, ConditionalDiffusion)
+    return build_from_checkpoint(checkpoint, "--checkpoint", allowed, lambda hparams: MARGenerator)
 
 
 def evaluate(checkpoint: str, seeds: int = 3, labels: torch.Tensor | None = None) -> dict[str, Any]:

@@ -31,3 +31,4 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_output(path) as tmp:
         tmp.write_text(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files

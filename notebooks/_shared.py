@@ -122,7 +122,7 @@ def train_or_load_digits(
     start = time.perf_counter()
     if ckpt.is_file():
         try:
-            model = MARGenerator.load_from_checkpoint(ckpt, map_location="cpu").eval()
+            model = MARGenerator.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
             return model, ckpt, {"trained": False, "seconds": time.perf_counter() - start}
         except Exception as err:  # stale cache (e.g. the architecture changed): train again
             print(f"cached checkpoint {ckpt.name} could not be loaded ({err!r}); training again")

@@ -273,3 +273,150 @@ def test_fit_a_few_steps_from_the_cache(cache_dir: Path, tmp_path: Path) -> None
     assert tuple(hparams["latent_shape"]) == (4, 8, 8) and hparams["num_classes"] == 3
     assert hparams["latent_scale"] == CacheMeta.read(cache_dir).latent_scale
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+# ------------------------------------------------------------------------------------- re-runs: manifest, checksums
+def _images_copy(assets: Path, tmp_path: Path) -> Path:
+    images = tmp_path / "images"
+    shutil.copytree(assets / "images", images, copy_function=shutil.copy2)  # copy2 keeps the modification times
+    return images
+
+
+def _run_cache(assets: Path, images: Path, out: Path, **overrides) -> None:
+    cache_images(**{**_options(assets, out), "image_root": str(images), **overrides}, devices=1, strategy="auto")
+
+
+def _same_files(a: Path, b: Path, skip: tuple[str, ...] = ()) -> None:
+    names = sorted(p.name for p in a.iterdir() if p.name not in skip)
+    assert names == sorted(p.name for p in b.iterdir() if p.name not in skip)
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_added_image_is_refused_and_update_reencodes_only_what_changed(assets: Path, tmp_path: Path) -> None:
+    """Before: the re-run reported success with several items holding other images' latents or labels."""
+    from lightning_ar.errors import UsageError
+
+    images, out = _images_copy(assets, tmp_path), tmp_path / "cache"
+    _run_cache(assets, images, out)
+    shutil.copy2(images / "ant" / "0.png", images / "ant" / "0b.png")  # item 1 now: every later item shifts
+    with pytest.raises(UsageError, match=r"1 image\(s\) added \(e\.g\. ant/0b\.png\).*--update.*--overwrite"):
+        _run_cache(assets, images, out)
+    kept = (out / "shard_00000.npy").stat().st_mtime_ns  # items 0-1: ant/0.png, ant/0b.png -> shard 0 changed too
+    _run_cache(assets, images, out, update=True)
+    fresh = tmp_path / "fresh"
+    _run_cache(assets, images, fresh)
+    _same_files(out, fresh)  # exactly the cache of the new image list (the manifest included)
+    assert validate_cache(out, check_values=True).num_items == N + 1
+    assert (out / "shard_00000.npy").stat().st_mtime_ns != kept
+
+
+def test_removed_image_then_update_keeps_the_shards_before_it(assets: Path, tmp_path: Path) -> None:
+    images, out = _images_copy(assets, tmp_path), tmp_path / "cache"
+    _run_cache(assets, images, out)
+    (images / "cat" / "2.png").unlink()  # the last item: only the last shard changes (and shard 4 disappears)
+    before = {k: (out / f"shard_0000{k}.npy").stat().st_mtime_ns for k in range(4)}
+    _run_cache(assets, images, out, update=True)
+    assert all((out / f"shard_0000{k}.npy").stat().st_mtime_ns == t for k, t in before.items())
+    fresh = tmp_path / "fresh"
+    _run_cache(assets, images, fresh)
+    _same_files(out, fresh)  # and no stray shard 4 is left
+    assert not (out / "shard_00004.npy").exists()
+
+
+def test_other_vae_or_settings_are_refused_and_overwrite_reencodes(assets: Path, cache_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """Before: a re-run with another --vae re-encoded nothing but recorded the new VAE in meta.json."""
+    from diffusers import AutoencoderKL
+
+    from lightning_ar.errors import UsageError
+
+    out = tmp_path / "cache"
+    shutil.copytree(cache_dir, out)
+    torch.manual_seed(1)
+    AutoencoderKL.from_pretrained(assets / "vae").save_pretrained(tmp_path / "same_weights")
+    other = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                          layers_per_block=1, sample_size=SIZE)
+    other.save_pretrained(tmp_path / "other_vae")
+    with pytest.raises(UsageError, match=r"other settings \(vae: .*vae_sha256: .*--overwrite"):
+        _run_cache(assets, assets / "images", out, vae=str(tmp_path / "other_vae"))
+    with pytest.raises(UsageError, match=r"other settings \(dtype: 'float32' -> 'float16'\)"):
+        _run_cache(assets, assets / "images", out, dtype="float16")
+    _run_cache(assets, assets / "images", out, vae=str(tmp_path / "other_vae"), overwrite=True)
+    assert CacheMeta.read(out).vae == str(tmp_path / "other_vae")
+    assert (out / "shard_00000.npy").read_bytes() != (cache_dir / "shard_00000.npy").read_bytes()
+
+
+def test_cache_without_manifest_is_refused(cache_dir: Path, tmp_path: Path, assets: Path) -> None:
+    from lightning_ar.errors import UsageError
+
+    out = tmp_path / "cache"
+    shutil.copytree(cache_dir, out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(UsageError, match="no manifest.json"):
+        _run_cache(assets, assets / "images", out)
+
+
+def test_flipped_bytes_are_caught_by_checksums_and_reencoded(assets: Path, cache_dir: Path, tmp_path: Path) -> None:
+    """Before: finite flipped bytes were read even with check_values, and a NaN written into a shard made a re-run of
+    `cache` record latent_scale NaN and report success."""
+    out = tmp_path / "cache"
+    shutil.copytree(cache_dir, out)
+    data = bytearray((out / "shard_00001.npy").read_bytes())
+    data[-7] ^= 0x10  # a low mantissa bit of the last float: still finite
+    (out / "shard_00001.npy").write_bytes(bytes(data))
+    validate_cache(out)  # headers only: fine
+    with pytest.raises(ValueError, match=r"shard_00001\.npy: checksum mismatch"):
+        validate_cache(out, check_values=True)
+    moments = np.load(cache_dir / "shard_00002.npy")
+    moments[0, 0, 0, 0, 0] = np.nan
+    np.save(out / "shard_00002.npy", moments)
+    _run_cache(assets, assets / "images", out)  # both damaged shards fail their records and are encoded again
+    _same_files(out, cache_dir)
+    assert math.isfinite(validate_cache(out, check_values=True).latent_scale)
+
+
+def test_meta_paths_must_stay_inside_the_cache(cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    shutil.copytree(cache_dir, out)
+    meta = json.loads((out / "meta.json").read_text())
+    meta["shards"][0]["file"] = "../../etc/passwd"
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"not a plain file name inside the cache directory"):
+        validate_cache(out)
+
+
+def test_non_finite_latent_scale_is_refused(assets: Path, tmp_path: Path) -> None:
+    import lightning_ar.data.cache as cache_module
+
+    out = tmp_path / "cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cache_module, "posterior_std", lambda *args: float("nan"))
+        with pytest.raises(RuntimeError, match="no latent scale exists"):
+            _run_cache(assets, assets / "images", out)
+    assert not (out / "meta.json").exists()
+
+
+@pytest.mark.slow
+def test_ddp_bad_image_names_it_then_update_equals_a_single_run(assets: Path, tmp_path: Path) -> None:
+    """Under 2 processes: the failing rank's real error is what the run reports (not the other rank's broken pipe);
+    removing the bad image and re-running with --update gives exactly the cache of the remaining images."""
+    images, out = _images_copy(assets, tmp_path), tmp_path / "cache_ddp"
+    (images / "ant" / "2.png").write_bytes(b"not a png")  # item 2: shard 1, rank 1
+    opts = {**_options(assets, out), "image_root": str(images)}
+    argv = [sys.executable, "-m", "lightning_ar.cli", "cache", *[f"--{k}={v}" for k, v in opts.items()],
+            "--devices=2", "--strategy=ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    failed = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            start_new_session=True)
+    assert failed.returncode != 0
+    rank0 = [line for line in failed.stderr.splitlines() if line.startswith("[rank0]: RuntimeError: rank")]
+    assert rank0 and "rank 1 failed first: ValueError: " in rank0[-1] and "ant/2.png: unreadable image" in rank0[-1]
+    (images / "ant" / "2.png").unlink()
+    done = subprocess.run([*argv, "--update=true"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = tmp_path / "single"
+    _run_cache(assets, images, single)
+    _same_files(out, single)

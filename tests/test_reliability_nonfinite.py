@@ -1,7 +1,10 @@
 """Reliability, non-finite losses: a NaN batch is detected at its step; ``skip`` leaves the model untouched, ``stop``
-names the step and the last good checkpoint."""
+names the step and the last good checkpoint; the shipped configs stop."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -11,6 +14,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ar import MARGenerator
 from lightning_ar.callbacks import NonFiniteLoss, NonFiniteLossError
+from lightning_ar.cli import main
+from lightning_ar.data.sources import DigitsSource
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = dict(width=16, encoder_depth=1, decoder_depth=1, num_heads=2, head_width=16, head_depth=1, num_iter=2,
             num_sampling_steps=2, dropout=0.0)
@@ -81,3 +88,26 @@ def test_stop_names_step_and_last_checkpoint(tmp_path) -> None:
 def test_policy_is_validated() -> None:
     with pytest.raises(ValueError, match="NonFiniteLoss.policy"):
         NonFiniteLoss("ignore")
+
+
+class NaNDigits(DigitsSource):
+    """The digits with NaN in every training item (stands in for a corrupted cache shard)."""
+
+    def split(self, name):
+        latents, labels = super().split(name)
+        return (torch.full_like(latents, float("nan")) if name == "train" else latents), labels
+
+
+def test_shipped_config_stops_on_a_nan_loss(tmp_path: Path, capsys) -> None:
+    """Before: NaN data trained 20 steps into all-NaN weights with exit code 0. The shipped configs carry
+    ``NonFiniteLoss(policy: stop)``: exit 1 at the first step, naming it and the last good checkpoint."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs/digits/mar.yaml"), "--config", str(REPO / "configs/debug.yaml"),
+              "--data.source", "{class_path: test_reliability_nonfinite.NaNDigits}", "--data.latent_scale", "1.0",
+              "--trainer.max_steps", "20", "--trainer.limit_train_batches", "1.0", "--trainer.limit_val_batches", "0",
+              "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--trainer.enable_progress_bar", "false"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert re.search(r"non-finite training loss or gradient at step 0 .*last good checkpoint: none saved", err), err
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -1,6 +1,9 @@
 """Reliability, exact resume: 9 optimizer steps in one run == a run SIGKILLed after step 3 (its epoch-end checkpoint)
 and resumed with ``--ckpt_path last``: weights, EMA weights, AdamW state, LR and data order, bitwise on CPU.
 
+Also: the same with the shipped config and its logger on, resume with nothing to resume (an error), atomic
+checkpoint writes.
+
 Checkpoints are taken at epoch ends (3 batches an epoch): Lightning 2.x does not fast-forward a plain DataLoader
 resumed mid-epoch (it replays the epoch from its first batch), see README "Reliability".
 """
@@ -131,3 +134,80 @@ def test_shipped_configs_checkpoint_every_epoch(config: str, tmp_path: Path) -> 
                  "--trainer.callbacks+=test_reliability_resume.KillAtStep", "--trainer.callbacks.step", "3")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert torch.load(tmp_path / "killed/checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
+
+
+def shipped(root: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The shipped digits config as it is (TensorBoard logger on, its ModelCheckpoint), with a tiny model and an
+    epoch-bounded budget of 3 epochs x 3 batches (dropout on: the global RNG matters)."""
+    return run_cli("fit", "--config", DIGITS, "--config", str(REPO / "configs/debug.yaml"),
+                   "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
+                   "--trainer.enable_progress_bar", "false", "--trainer.limit_train_batches", "3",
+                   "--trainer.limit_val_batches", "0", "--trainer.max_steps", "-1", "--trainer.max_epochs", "3",
+                   "--model.init_args.dropout", "0.1", *extra)
+
+
+def test_resume_with_the_shipped_config_and_its_logger(tmp_path: Path) -> None:
+    """``--ckpt_path last`` with the logger on: the resumed run continues in the killed run's version directory and
+    ends bitwise where an uninterrupted run ends (before: a new version_1 directory and training from step 0)."""
+    straight = shipped(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = shipped(tmp_path / "killed", "--trainer.callbacks+=test_reliability_resume.KillAtStep",
+                     "--trainer.callbacks.step", "4")  # mid-epoch 1: its last checkpoint is epoch 0's
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = shipped(tmp_path / "killed", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in resumed.stdout + resumed.stderr
+    assert sorted(p.name for p in (tmp_path / "killed" / "mar").iterdir()) == ["version_0"]
+    a = training_state(tmp_path / "straight/mar/version_0/checkpoints/last.ckpt")
+    b = training_state(tmp_path / "killed/mar/version_0/checkpoints/last.ckpt")
+    assert a["global_step"] == 9
+    assert_same(a, b)
+
+
+def test_resume_with_the_shipped_step_budget_continues_from_the_checkpoint(tmp_path: Path) -> None:
+    """The shipped configs bound training by ``max_steps``: resume continues from the last epoch-end checkpoint to the
+    step budget in the same version directory (not bitwise: Lightning 2.6 replays one batch, README "Reliability")."""
+    budget = ("--trainer.max_steps", "8", "--trainer.max_epochs", "-1")
+    killed = shipped(tmp_path, *budget, "--trainer.callbacks+=test_reliability_resume.KillAtStep",
+                     "--trainer.callbacks.step", "4")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = shipped(tmp_path, *budget, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restoring states from the checkpoint path at" in resumed.stdout + resumed.stderr
+    assert sorted(p.name for p in (tmp_path / "mar").iterdir()) == ["version_0"]
+    assert training_state(tmp_path / "mar/version_0/checkpoints/last.ckpt")["global_step"] == 8
+
+
+def test_resume_with_nothing_to_resume_is_an_error(tmp_path: Path) -> None:
+    result = shipped(tmp_path, "--ckpt_path", "last")
+    assert result.returncode == 2
+    assert "--ckpt_path last: no last checkpoint to resume from" in result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_checkpoint_writes_are_atomic(tmp_path: Path) -> None:
+    """A write that fails (disk full) leaves the previous checkpoint intact and no partial or temporary file."""
+    from lightning_ar.checkpoints.atomic_io import AtomicCheckpointIO
+
+    io, target = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, target)
+
+    def full_disk(obj, handle) -> None:
+        handle.write(b"PK\x03\x04 partial bytes")
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "save", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert torch.load(target, weights_only=True)["step"] == 1
+
+
+def test_cli_writes_checkpoints_with_the_atomic_plugin(tmp_path: Path) -> None:
+    from lightning_ar.checkpoints.atomic_io import AtomicCheckpointIO
+    from lightning_ar.cli import build_cli
+
+    cli = build_cli(["--config", DIGITS, "--config", str(REPO / "configs/debug.yaml"), "--trainer.default_root_dir",
+                     str(tmp_path)], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)

@@ -216,8 +216,9 @@ def import_mar_checkpoint(
 ) -> Path:
     """Convert an official MAR checkpoint into a Lightning checkpoint of :class:`MARGenerator` at ``out``.
 
-    The output holds ``state_dict``, ``hyper_parameters`` and ``pytorch-lightning_version`` (what
-    ``MARGenerator.load_from_checkpoint`` and ``OTRefinement(generator=out)`` read); it is written atomically.
+    The output holds ``state_dict``, ``hyper_parameters`` (with LightningCLI's ``_class_path``) and
+    ``pytorch-lightning_version`` (what ``--ckpt_path``, ``MARGenerator.load_from_checkpoint`` and
+    ``OTRefinement(generator=out)`` read); it is written atomically.
 
     Args:
         checkpoint: Official checkpoint (``torch.save`` dict with ``model``/``model_ema``, or a bare state dict).
@@ -233,8 +234,9 @@ def import_mar_checkpoint(
     generator = MARGenerator(**hparams)
     state_dict = convert_state_dict(official, generator)
     generator.load_state_dict(state_dict, strict=True)
-    payload = {
-        "state_dict": generator.state_dict(), "hyper_parameters": dict(generator.hparams),
+    payload = {  # hyper_parameters with LightningCLI's _class_path: `--ckpt_path` and `load_from_checkpoint` read it
+        "state_dict": generator.state_dict(),
+        "hyper_parameters": {"_class_path": "lightning_ar.MARGenerator", **dict(generator.hparams)},
         "pytorch-lightning_version": L.__version__, "epoch": 0, "global_step": 0,
         "mar_import": {"checkpoint": str(checkpoint), "size": str(size), "which": which},
     }

@@ -15,11 +15,13 @@ folders stops before any encoding (torchvision's ImageFolder rules).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,8 +33,29 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lightning_ar.data.shards import DTYPES, CacheMeta, ShardInfo, open_shard, shard_files, write_shard
+from lightning_ar.data.manifest import (
+    CacheSettings,
+    Manifest,
+    describe_changes,
+    image_records,
+    weights_sha256,
+)
+from lightning_ar.data.shards import (
+    DTYPES,
+    META_FILE,
+    CacheMeta,
+    ShardInfo,
+    open_shard,
+    shard_files,
+    shard_record_file,
+    verify_checksums,
+    write_shard,
+)
 from lightning_ar.data.vae import encode_moments, load_vae
+from lightning_ar.errors import UsageError
+from lightning_ar.io import atomic_write_text
+
+ERROR_GLOB = ".error.rank*"  # error files of failed ranks (see first_error_wins)
 
 # Test-only: after a rank has written this many shards, SIGKILL the process group (simulates a killed job).
 KILL_ENV = "LIGHTNING_AR_CACHE_TEST_KILL_AFTER"
@@ -98,16 +121,37 @@ def shard_ranges(num_items: int, shard_size: int) -> list[range]:
     return [range(s, min(s + shard_size, num_items)) for s in range(0, num_items, shard_size)]
 
 
-def shard_done(directory: Path, index: int, count: int, item_shape: tuple[int, ...], dtype: str) -> bool:
-    """Whether shard ``index`` is on disk, complete and consistent (else it is (re)encoded)."""
-    mfile, lfile = shard_files(index)
-    if not (directory / mfile).is_file() or not (directory / lfile).is_file():
+def shard_done(directory: Path, index: int, count: int, item_shape: tuple[int, ...], dtype: str, digest: str) -> bool:
+    """Whether shard ``index`` is on disk, complete, holds exactly the images of ``digest`` (its record says so) and
+    its bytes match the checksums of that record (else it is (re)encoded)."""
+    info = read_shard_record(directory, index)
+    if info is None or info[1] != digest or info[0].count != count:
         return False
     try:
-        open_shard(directory, ShardInfo(mfile, lfile, count), item_shape, dtype)
+        open_shard(directory, info[0], item_shape, dtype)
+        verify_checksums(directory, info[0])
     except (ValueError, FileNotFoundError):
         return False
     return True
+
+
+def read_shard_record(directory: Path, index: int) -> tuple[ShardInfo, str] | None:
+    """``(ShardInfo with checksums, digest of its images)`` from shard ``index``'s record, ``None`` if unreadable."""
+    path = directory / shard_record_file(index)
+    try:
+        record = json.loads(path.read_text())
+        mfile, lfile = shard_files(index)
+        info = ShardInfo(mfile, lfile, int(record["count"]), record["moments_sha256"], record["labels_sha256"])
+        return info, record["items_sha256"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def write_shard_record(directory: Path, index: int, info: ShardInfo, digest: str) -> None:
+    """Write shard ``index``'s record atomically (after its files: a record means the shard is complete)."""
+    record = {"count": info.count, "items_sha256": digest, "moments_sha256": info.moments_sha256,
+              "labels_sha256": info.labels_sha256}
+    atomic_write_text(directory / shard_record_file(index), json.dumps(record) + "\n")
 
 
 class ShardBatches(Sampler[list[int]]):
@@ -128,32 +172,48 @@ class ShardBatches(Sampler[list[int]]):
 class ImageShardData(L.LightningDataModule):
     """Predict data of one rank: the missing shards ``k`` with ``k % world_size == rank``, found in ``setup``."""
 
-    def __init__(self, items: ImageItems, out_dir: str, shard_size: int, batch_size: int, num_workers: int,
-                 item_shape: tuple[int, ...], dtype: str) -> None:
+    def __init__(self, items: ImageItems, manifest: Manifest, out_dir: str, batch_size: int, num_workers: int,
+                 item_shape: tuple[int, ...], overwrite: bool = False) -> None:
         super().__init__()
-        self.items, self.out_dir, self.shard_size = items, Path(out_dir), shard_size
-        self.batch_size, self.num_workers, self.item_shape, self.dtype = batch_size, num_workers, item_shape, dtype
+        self.items, self.manifest, self.out_dir = items, manifest, Path(out_dir)
+        self.shard_size, self.dtype = manifest.settings.shard_size, manifest.settings.dtype
+        self.batch_size, self.num_workers, self.item_shape, self.overwrite = batch_size, num_workers, item_shape, \
+            overwrite
         self.todo: dict[int, range] = {}
         self.mine: dict[int, range] = {}
 
     def missing(self) -> dict[int, range]:
-        """Shards not yet complete on disk: index -> item range."""
+        """Shards not yet complete on disk (or holding other images): index -> item range."""
         ranges = shard_ranges(len(self.items), self.shard_size)
-        return {k: r for k, r in enumerate(ranges) if not shard_done(self.out_dir, k, len(r), self.item_shape,
-                                                                      self.dtype)}
+        return {k: r for k, r in enumerate(ranges) if not shard_done(
+            self.out_dir, k, len(r), self.item_shape, self.dtype, self.manifest.shard_digest(r.start, r.stop))}
 
     def setup(self, stage: str) -> None:
-        if self.trainer.global_rank == 0:  # temporaries left by a killed run (before any rank writes again)
-            for stale in self.out_dir.glob(".shard_*.tmp.npy"):
-                stale.unlink(missing_ok=True)
+        strategy, rank, world = self.trainer.strategy, self.trainer.global_rank, self.trainer.world_size
+        if rank == 0:
+            prepare_directory(self.out_dir, self.manifest, self.overwrite)
+        strategy.barrier("cache-prepared")  # rank 0 has cleaned up and written the manifest
         self.todo = self.missing()
-        self.trainer.strategy.barrier("cache-scan")  # every rank scans before any rank writes
-        rank, world = self.trainer.global_rank, self.trainer.world_size
+        if rank == 0 and self.todo:
+            (self.out_dir / META_FILE).unlink(missing_ok=True)  # the cache is unfinished until all shards exist
+        strategy.barrier("cache-scan")  # every rank scans before any rank writes
         self.mine = {k: r for i, (k, r) in enumerate(sorted(self.todo.items())) if i % world == rank}
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.items, batch_sampler=ShardBatches(list(self.mine.values()), self.batch_size),
                           num_workers=self.num_workers)
+
+
+def prepare_directory(out_dir: Path, manifest: Manifest, overwrite: bool) -> None:
+    """Rank 0, before any rank scans: remove what a killed run left (and, with ``overwrite``, the whole old cache);
+    write the manifest of this run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = [*out_dir.glob(".shard_*.tmp*"), *out_dir.glob(ERROR_GLOB)]
+    if overwrite:
+        stale += [*out_dir.glob("shard_*.npy"), *out_dir.glob("shard_*.json"), out_dir / META_FILE]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    manifest.write(out_dir)
 
 
 class MomentEncoder(L.LightningModule):
@@ -191,7 +251,9 @@ class ShardWriter(BasePredictionWriter):
             return
         moments = torch.cat([p["moments"] for p in parts]).numpy()
         labels = torch.cat([p["labels"] for p in parts]).numpy()
-        write_shard(self.data.out_dir, shard, moments, labels, self.data.dtype)
+        info = write_shard(self.data.out_dir, shard, moments, labels, self.data.dtype)
+        items = self.data.mine[shard]
+        write_shard_record(self.data.out_dir, shard, info, self.data.manifest.shard_digest(items.start, items.stop))
         del self.buffers[shard]
         self.written += 1
         if os.environ.get(KILL_ENV) and self.written >= int(os.environ[KILL_ENV]):
@@ -252,21 +314,68 @@ def _check_options(image_size: int, batch_size: int, shard_size: int, num_worker
         raise ValueError(f"cache dtype must be one of {DTYPES}, got {dtype!r}")
 
 
-def finish_cache(out_dir: Path, items: ImageItems, vae: str, image_size: int, shard_size: int, dtype: str,
-                 latent_shape: tuple[int, int, int], seed: int) -> CacheMeta:
-    """Validate every shard, compute the latent scale and write ``meta.json`` (rank 0, after all shards exist)."""
+def finish_cache(out_dir: Path, items: ImageItems, manifest: Manifest, latent_shape: tuple[int, int, int],
+                 seed: int) -> CacheMeta:
+    """Validate every shard against its record, drop shards beyond the last (left by a larger earlier run), compute
+    the latent scale and write ``meta.json`` (rank 0, after all shards exist).
+
+    Raises:
+        RuntimeError: a shard or its record is missing or damaged, or the latent scale is not a finite number.
+    """
     c, h, w = latent_shape
-    shards = []
-    for k, r in enumerate(shard_ranges(len(items), shard_size)):
-        info = ShardInfo(*shard_files(k), count=len(r))
-        open_shard(out_dir, info, (2, 2 * c, h, w), dtype, check_values=False)
-        shards.append(info)
-    std = posterior_std(out_dir, shards, (2, 2 * c, h, w), dtype, seed)
-    meta = CacheMeta(latent_shape=latent_shape, dtype=dtype, num_items=len(items), shard_size=shard_size,
-                     shards=shards, class_names=list(items.classes), vae=vae, image_size=image_size,
-                     latent_scale=1.0 / std)
+    settings, shards = manifest.settings, []
+    ranges = shard_ranges(len(items), settings.shard_size)
+    for k, r in enumerate(ranges):
+        record = read_shard_record(out_dir, k)
+        if record is None or record[1] != manifest.shard_digest(r.start, r.stop):
+            raise RuntimeError(f"cache {out_dir}: shard {k} has no valid record after encoding; re-run to finish")
+        open_shard(out_dir, record[0], (2, 2 * c, h, w), settings.dtype, check_values=False)
+        shards.append(record[0])
+    remove_stray_shards(out_dir, len(ranges))
+    std = posterior_std(out_dir, shards, (2, 2 * c, h, w), settings.dtype, seed)
+    if not (math.isfinite(std) and std > 0):
+        raise RuntimeError(f"cache {out_dir}: the latents' standard deviation is {std}, so no latent scale exists; "
+                           "a shard holds non-finite or constant values (check the VAE); nothing was recorded")
+    meta = CacheMeta(latent_shape=latent_shape, dtype=settings.dtype, num_items=len(items),
+                     shard_size=settings.shard_size, shards=shards, class_names=list(items.classes),
+                     vae=settings.vae, image_size=settings.image_size, latent_scale=1.0 / std)
     meta.write(out_dir)
     return meta
+
+
+def remove_stray_shards(out_dir: Path, num_shards: int) -> None:
+    """Delete the files of shards with index ``>= num_shards`` (from an earlier run over more images)."""
+    for path in out_dir.glob("shard_*"):
+        index = path.name.split(".")[0].removeprefix("shard_")
+        if index.isdigit() and int(index) >= num_shards:
+            path.unlink(missing_ok=True)
+
+
+def check_manifest(out_dir: Path, current: Manifest, overwrite: bool, update: bool) -> list[str]:
+    """Compare the cache's manifest with this run's inputs (every rank, read only); return the image changes that
+    ``update`` will re-encode.
+
+    Raises:
+        UsageError: other settings, or changed images without ``update``, or shards without a manifest (each
+            message says what changed and what to do), unless ``overwrite``.
+    """
+    old = Manifest.read(out_dir)
+    if overwrite:
+        return []
+    if old is None:
+        if any(out_dir.glob("shard_*.npy")) or (out_dir / META_FILE).exists():
+            raise UsageError(f"cache {out_dir} holds shards but no manifest.json (made by an older version, or not "
+                             "by `lightning-ar cache`): its contents cannot be checked; re-run with --overwrite")
+        return []
+    settings, images = describe_changes(old, current)
+    if settings:
+        raise UsageError(f"cache {out_dir} was made with other settings ({'; '.join(settings)}); none of its shards "
+                         "fit: re-run with --overwrite to re-encode everything, or use another --out_dir")
+    if images and not update:
+        raise UsageError(f"cache {out_dir}: the images changed since it was made ({'; '.join(images)}), so shards "
+                         "would hold other images' latents: re-run with --update to re-encode the shards whose "
+                         "images changed, or with --overwrite to re-encode all")
+    return images
 
 
 def cache_images(
@@ -284,12 +393,14 @@ def cache_images(
     strategy: str = "ddp",
     precision: str = "32-true",
     seed: int = 0,
+    overwrite: bool = False,
+    update: bool = False,
 ) -> CacheMeta | None:
     """Encode an ImageFolder into a latent cache (resumable; see the module docstring).
 
     Args:
         image_root: ImageFolder root: one subfolder of images per class (sorted names are the labels).
-        out_dir: Cache directory (created; shards already complete there are kept).
+        out_dir: Cache directory (created; shards already complete there, for the same images, are kept).
         vae: Diffusers AutoencoderKL: hub id or local directory (e.g. made by ``lightning-ar convert-vae``).
         image_size: Side of the ADM centre crop.
         batch_size: Images per encoder batch (each is encoded with its mirror image).
@@ -302,31 +413,66 @@ def cache_images(
         strategy: Lightning strategy (``ddp``; ``auto`` for one process).
         precision: Lightning precision of the encoder (e.g. ``bf16-mixed`` on GPUs).
         seed: Seed of the posterior samples that give the latent scale.
+        overwrite: Delete what ``out_dir`` holds and encode everything anew.
+        update: Accept changed images (added, removed, modified): re-encode exactly the shards whose images changed.
 
     Returns:
         The meta of the finished cache on global rank 0, ``None`` on other ranks.
+
+    Raises:
+        UsageError: ``out_dir`` was made with other settings or other images (see :func:`check_manifest`).
     """
     _check_options(image_size, batch_size, shard_size, num_workers, dtype)
     items = ImageItems(image_root, image_size)
     encoder = MomentEncoder(vae)
-    latent_shape = latent_shape_of(encoder.vae, image_size)
-    c, h, w = latent_shape
-    data = ImageShardData(items, out_dir, shard_size, batch_size, num_workers, (2, 2 * c, h, w), dtype)
+    settings = CacheSettings(vae, weights_sha256(encoder.vae), image_size, shard_size, dtype)
+    manifest = Manifest(settings, image_records(image_root, items.samples))
+    changes = check_manifest(Path(out_dir), manifest, overwrite, update)
+    c, h, w = latent_shape = latent_shape_of(encoder.vae, image_size)
+    data = ImageShardData(items, manifest, out_dir, batch_size, num_workers, (2, 2 * c, h, w), overwrite)
     writer = ShardWriter(data)
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                         precision=precision, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         use_distributed_sampler=False, callbacks=[writer, ImagesPerSecondBar()])
-    trainer.predict(encoder, datamodule=data, return_predictions=False)
-    trainer.strategy.barrier("cache-written")
+    if changes and trainer.global_rank == 0:
+        print(f"cache {out_dir}: {'; '.join(changes)}; re-encoding the shards whose images changed (--update)")
+    with first_error_wins(trainer, Path(out_dir)):
+        trainer.predict(encoder, datamodule=data, return_predictions=False)
+        trainer.strategy.barrier("cache-written")
     if trainer.global_rank != 0:
         return None
     left = sum(len(r) for r in data.missing().values())
     if left:
         raise RuntimeError(f"cache {out_dir}: {left} images still missing after encoding; re-run to finish")
     rate = sum(len(r) for r in data.todo.values()) / max(time.perf_counter() - writer.started, 1e-9)
-    meta = finish_cache(Path(out_dir), items, vae, image_size, shard_size, dtype, latent_shape, seed)
+    meta = finish_cache(Path(out_dir), items, manifest, latent_shape, seed)
     print(f"cached {meta.num_items} images to {out_dir} ({rate:.1f} images/s), latent scale {meta.latent_scale:.6g}")
     return meta
+
+
+@contextmanager
+def first_error_wins(trainer: L.Trainer, out_dir: Path, wait: float = 10.0) -> Iterator[None]:
+    """Make the first failing rank's error the one every rank raises.
+
+    A rank that fails writes its error to ``out_dir/.error.rank<r>``; the other ranks then fail too, at the next
+    collective, with an uninformative communication error. Each failing rank waits up to ``wait`` seconds for the
+    error files and raises the earliest one (with its rank), so the user reads the real cause.
+    """
+    try:
+        yield
+    except BaseException as err:
+        rank = trainer.global_rank
+        mine = out_dir / f".error.rank{rank}"
+        atomic_write_text(mine, f"{type(err).__name__}: {err}\n")
+        if trainer.world_size > 1:
+            deadline = time.monotonic() + wait
+            while len(list(out_dir.glob(ERROR_GLOB))) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+        first = min(out_dir.glob(ERROR_GLOB), key=lambda p: p.stat().st_mtime_ns, default=mine)
+        if first == mine:
+            raise
+        raise RuntimeError(f"rank {first.name.removeprefix('.error.rank')} failed first: "
+                           f"{first.read_text().strip()}") from err
 
 
 def cache_parser():

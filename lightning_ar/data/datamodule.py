@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 from torch import Tensor
@@ -85,8 +87,8 @@ class LatentDataModule(L.LightningDataModule):
         else:
             self._init_source("digits" if source is None else source, vae=vae, reference=reference)
         self._latent_scale = latent_scale if latent_scale is not None else self._fit_scale()
-        if not self._latent_scale > 0:
-            raise ValueError(f"data.latent_scale must be > 0, got {self._latent_scale}")
+        if not (math.isfinite(self._latent_scale) and self._latent_scale > 0):
+            raise ValueError(f"data.latent_scale must be a finite number > 0, got {self._latent_scale}")
 
     def _init_source(self, source: str | LatentSource, **cache_only: str | None) -> None:
         for name, value in cache_only.items():

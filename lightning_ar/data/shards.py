@@ -3,27 +3,33 @@
 Layout of a cache directory::
 
     meta.json                  CacheMeta (format version, shapes, dtype, shard list, classes, VAE, latent scale)
+    manifest.json              what went in: settings and the image list (see :mod:`.manifest`)
     shard_00000.npy            moments [N, 2, 2C, h, w] (index 1 of dim 1: the horizontally flipped image)
     shard_00000.labels.npy     labels [N] int64
+    shard_00000.json           the shard's record: digest of its images, SHA-256 of both files (written last)
 
 Moments are mean then log-variance along the channel axis (diffusers' ``DiagonalGaussianDistribution.parameters``).
 Plain ``.npy`` files so that numpy can memory-map them; every file is written atomically (temporary file + rename),
-so a shard is either complete or absent. :class:`ShardReader` opens the memory maps lazily, once per process, so it
-can be pickled into DataLoader workers and used under a ``DistributedSampler``.
+so a shard is either complete or absent; ``meta.json`` lists every shard with the SHA-256 of its files, which
+``validate_cache(check_values=True)`` verifies. :class:`ShardReader` opens the memory maps lazily, once per process,
+so it can be pickled into DataLoader workers and used under a ``DistributedSampler``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from lightning_ar.data.manifest import file_sha256
 from lightning_ar.io import atomic_output
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shard checksums; version 1 caches (no checksums) are still read
+READABLE_VERSIONS = (1, 2)
 META_FILE = "meta.json"
 DTYPES = ("float16", "float32")
 
@@ -33,13 +39,21 @@ def shard_files(index: int) -> tuple[str, str]:
     return f"shard_{index:05d}.npy", f"shard_{index:05d}.labels.npy"
 
 
+def shard_record_file(index: int) -> str:
+    """File name of shard ``index``'s record (its image digest and file checksums)."""
+    return f"shard_{index:05d}.json"
+
+
 @dataclass
 class ShardInfo:
-    """One shard: its moments file, labels file and number of items."""
+    """One shard: its moments file, labels file, number of items and the SHA-256 of both files (``None`` in caches
+    written before checksums existed)."""
 
     file: str
     labels: str
     count: int
+    moments_sha256: str | None = None
+    labels_sha256: str | None = None
 
 
 @dataclass
@@ -106,8 +120,13 @@ class CacheMeta:
             meta = cls(**raw)
         except (json.JSONDecodeError, TypeError, KeyError) as err:
             raise ValueError(f"{path}: not a valid cache meta.json ({err})") from None
-        if meta.version != FORMAT_VERSION:
-            raise ValueError(f"{path}: format version {meta.version}, this code reads version {FORMAT_VERSION}")
+        if meta.version not in READABLE_VERSIONS:
+            raise ValueError(f"{path}: format version {meta.version}, this code reads versions {READABLE_VERSIONS}")
+        for info in meta.shards:
+            for name in (info.file, info.labels):
+                if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                    raise ValueError(f"{path}: shard file {name!r} is not a plain file name inside the cache "
+                                     "directory; meta.json is corrupt or was edited")
         if meta.dtype not in DTYPES:
             raise ValueError(f"{path}: dtype must be one of {DTYPES}, got {meta.dtype!r}")
         return meta
@@ -135,12 +154,23 @@ def write_shard(directory: str | Path, index: int, moments: np.ndarray, labels: 
         raise ValueError(f"shard {index}: expected moments [N, 2, 2C, h, w] and labels [N], got "
                          f"{moments.shape} and {labels.shape}")
     check_finite(moments, str(directory / mfile))
+    checksums = {}
     for name, array in ((lfile, labels), (mfile, moments)):
         with atomic_output(directory / name) as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, array)
             os.chmod(tmp, 0o644)
-    return ShardInfo(file=mfile, labels=lfile, count=int(moments.shape[0]))
+            checksums[name] = file_sha256(tmp)
+    return ShardInfo(file=mfile, labels=lfile, count=int(moments.shape[0]), moments_sha256=checksums[mfile],
+                     labels_sha256=checksums[lfile])
+
+
+def verify_checksums(directory: str | Path, info: ShardInfo) -> None:
+    """Raise ``ValueError`` naming the file if a shard file's SHA-256 differs from the recorded one."""
+    for name, expected in ((info.file, info.moments_sha256), (info.labels, info.labels_sha256)):
+        if expected is not None and file_sha256(Path(directory) / name) != expected:
+            raise ValueError(f"{Path(directory) / name}: checksum mismatch (the file changed after it was written: "
+                             "disk corruption or an edit); re-encode it with `lightning-ar cache ... --update`")
 
 
 def _load(path: Path) -> np.ndarray:
@@ -185,7 +215,7 @@ def validate_cache(directory: str | Path, check_values: bool = False) -> CacheMe
 
     Args:
         directory: The cache directory.
-        check_values: Also read every value and reject NaN/Inf (reads the whole cache; headers only otherwise).
+        check_values: Also read every byte: verify each shard's SHA-256 and reject NaN/Inf values.
 
     Raises:
         FileNotFoundError: missing ``meta.json`` or shard file (named).
@@ -198,10 +228,13 @@ def validate_cache(directory: str | Path, check_values: bool = False) -> CacheMe
         raise ValueError(f"{path}: num_items is {meta.num_items} but the shards hold {total} items")
     if any(s.count > meta.shard_size for s in meta.shards):
         raise ValueError(f"{path}: a shard holds more than shard_size={meta.shard_size} items")
-    if not meta.latent_scale > 0:
-        raise ValueError(f"{path}: latent_scale must be > 0, got {meta.latent_scale}")
+    if not (math.isfinite(meta.latent_scale) and meta.latent_scale > 0):
+        raise ValueError(f"{path}: latent_scale must be a finite number > 0, got {meta.latent_scale}")
     for info in meta.shards:
-        _, labels = open_shard(directory, info, meta.item_shape(), meta.dtype, check_values)
+        moments, labels = open_shard(directory, info, meta.item_shape(), meta.dtype)
+        if check_values:
+            check_finite(np.asarray(moments), str(Path(directory) / info.file))
+            verify_checksums(directory, info)
         if len(labels) and (labels.min() < 0 or labels.max() >= meta.num_classes):
             raise ValueError(f"{Path(directory) / info.labels}: labels outside [0, {meta.num_classes})")
     return meta

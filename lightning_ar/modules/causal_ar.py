@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_ar.modules.steps import DiffusionLossSteps
-from lightning_ar.modules.utils import check_latent_shape, eval_mode
+from lightning_ar.modules.utils import check_finite_hparams, check_latent_shape, default, eval_mode
 from lightning_ar.nn.causal import ORDERS, CausalTransformer, sample_causal_tokens
 from lightning_ar.nn.diffusion_loss import TIMESTEP_SPACINGS, DiffusionLoss
 from lightning_ar.nn.mar import patchify, unpatchify
@@ -58,6 +58,9 @@ class CausalARGenerator(DiffusionLossSteps, L.LightningModule):
         timestep_spacing: Spacing of the head's sampling timesteps: ``leading`` (default), ``linspace`` (MAR's
             respacing; set by ``import-mar``) or ``trailing``.
     """
+
+    ARCHITECTURE = ("patch_size", "width", "encoder_depth", "decoder_depth", "num_heads", "mlp_ratio", "buffer_size",
+                    "head_width", "head_depth", "num_train_timesteps", "order", "order_seed")
 
     def __init__(
         self,
@@ -109,6 +112,7 @@ class CausalARGenerator(DiffusionLossSteps, L.LightningModule):
 
     def _check_options(self) -> None:
         hp = self.hparams
+        check_finite_hparams(hp)
         if hp.num_classes < 1:
             raise ValueError(f"model.num_classes must be >= 1, got {hp.num_classes}")
         if not hp.latent_scale > 0:
@@ -125,7 +129,7 @@ class CausalARGenerator(DiffusionLossSteps, L.LightningModule):
         labels = torch.zeros(1, dtype=torch.long, device="cpu")
         try:
             check_sampling_args(labels, hp.num_classes, self.seq_len, self.seq_len, hp.sampler, hp.cfg_schedule,
-                                hp.temperature)
+                                hp.temperature, cfg=hp.cfg, num_sampling_steps=hp.num_sampling_steps)
         except ValueError as err:
             raise ValueError(f"model.{err}") from None
         if not 1 <= hp.num_sampling_steps <= hp.num_train_timesteps:
@@ -202,11 +206,11 @@ class CausalARGenerator(DiffusionLossSteps, L.LightningModule):
         with eval_mode(self):
             tokens = sample_causal_tokens(
                 self.mar, self.head, labels,
-                cfg=hp.cfg if cfg is None else cfg,
-                cfg_schedule=cfg_schedule or hp.cfg_schedule,
-                temperature=hp.temperature if temperature is None else temperature,
-                num_sampling_steps=num_sampling_steps or hp.num_sampling_steps,
-                sampler=sampler or hp.sampler,
+                cfg=default(cfg, hp.cfg),
+                cfg_schedule=default(cfg_schedule, hp.cfg_schedule),
+                temperature=default(temperature, hp.temperature),
+                num_sampling_steps=default(num_sampling_steps, hp.num_sampling_steps),
+                sampler=default(sampler, hp.sampler),
                 generator=generator, trace=trace, refiner=refiner, use_cache=use_cache, progress=progress,
             )  # (B, L, Dt)
         return unpatchify(tokens, hp.patch_size, *self.latent_shape) / hp.latent_scale

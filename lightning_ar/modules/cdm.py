@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_ar.modules.steps import DiffusionLossSteps
-from lightning_ar.modules.utils import check_latent_shape, eval_mode
+from lightning_ar.modules.utils import check_finite_hparams, check_latent_shape, default, eval_mode
 from lightning_ar.nn.diffusion_loss import SAMPLERS, TIMESTEP_SPACINGS
 from lightning_ar.nn.dit import ClassEmbedding, SequenceDiffusion
 from lightning_ar.nn.mar import patchify, unpatchify
@@ -56,6 +56,9 @@ class ConditionalDiffusion(DiffusionLossSteps, L.LightningModule):
             or ``trailing``.
     """
 
+    ARCHITECTURE = ("patch_size", "width", "encoder_depth", "decoder_depth", "num_heads", "mlp_ratio", "head_width",
+                    "head_depth", "num_train_timesteps")
+
     def __init__(
         self,
         latent_shape: tuple[int, int, int] = (1, 8, 8),
@@ -98,6 +101,7 @@ class ConditionalDiffusion(DiffusionLossSteps, L.LightningModule):
 
     def _check_options(self) -> None:
         hp = self.hparams
+        check_finite_hparams(hp)
         checks = [
             (hp.num_classes >= 1, f"model.num_classes must be >= 1, got {hp.num_classes}"),
             (hp.latent_scale > 0, f"model.latent_scale must be > 0, got {hp.latent_scale}"),
@@ -170,19 +174,19 @@ class ConditionalDiffusion(DiffusionLossSteps, L.LightningModule):
         """
         hp = self.hparams
         labels = torch.as_tensor(labels, device=self.device)
-        check_sampling_args(labels, hp.num_classes, self.seq_len, 1, sampler or hp.sampler, "constant",
-                            hp.temperature if temperature is None else temperature)
+        cfg, temperature = default(cfg, hp.cfg), default(temperature, hp.temperature)
+        sampler, num_sampling_steps = default(sampler, hp.sampler), default(num_sampling_steps, hp.num_sampling_steps)
+        check_sampling_args(labels, hp.num_classes, self.seq_len, 1, sampler, "constant", temperature, cfg=cfg,
+                            num_sampling_steps=num_sampling_steps)
         if generator is not None and generator.device.type != labels.device.type:
             raise ValueError(f"generator is on {generator.device} but the model is on {labels.device}")
-        cfg = hp.cfg if cfg is None else cfg
         b, seq_len = labels.shape[0], self.seq_len
         with eval_mode(self):
             z = self.static_conditions(labels)  # (B, L, W)
             z_null = self.static_conditions(torch.full_like(labels, -1)) if cfg != 1.0 else None
             flat = lambda a: a.reshape(b * seq_len, -1) if a is not None else None  # noqa: E731
             tokens = self.head.sample(
-                flat(z), flat(z_null), cfg, hp.temperature if temperature is None else temperature,
-                sampler or hp.sampler, num_sampling_steps or hp.num_sampling_steps, generator,
+                flat(z), flat(z_null), cfg, temperature, sampler, num_sampling_steps, generator,
             ).view(b, seq_len, self.token_dim)  # (B, L, Dt)
         if trace is not None:
             trace.labels = trace._store(labels)

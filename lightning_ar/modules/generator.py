@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lightning_ar.modules.steps import DiffusionLossSteps
-from lightning_ar.modules.utils import check_latent_shape, check_state_shapes, eval_mode
+from lightning_ar.modules.utils import check_finite_hparams, check_latent_shape, default, eval_mode
 from lightning_ar.nn.diffusion_loss import TIMESTEP_SPACINGS, DiffusionLoss
 from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, patchify, unpatchify
 from lightning_ar.nn.masking import mask_from_orders, num_masked_for_training, random_orders, sample_mask_ratio
@@ -55,6 +53,10 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
             timesteps, noise and dropout from seeds derived from ``(seed, s, r)``, so a resumed run repeats exactly
             what an uninterrupted one does, whatever the state of the global RNG.
     """
+
+    # Options that define the network: a checkpoint's values win; a config that disagrees is an error.
+    ARCHITECTURE = ("patch_size", "width", "encoder_depth", "decoder_depth", "num_heads", "mlp_ratio", "buffer_size",
+                    "head_width", "head_depth", "num_train_timesteps")
 
     def __init__(
         self,
@@ -103,6 +105,7 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
 
     def _check_options(self) -> None:
         hp = self.hparams
+        check_finite_hparams(hp)
         if hp.num_classes < 1:
             raise ValueError(f"model.num_classes must be >= 1, got {hp.num_classes}")
         if not hp.latent_scale > 0:
@@ -123,9 +126,8 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
             raise ValueError(f"model.mask_ratio_min must be in (0, 1], got {hp.mask_ratio_min}")
         labels = torch.zeros(1, dtype=torch.long, device="cpu")  # a check, also when built on the meta device
         try:
-            check_sampling_args(
-                labels, hp.num_classes, self.seq_len, hp.num_iter, hp.sampler, hp.cfg_schedule, hp.temperature
-            )
+            check_sampling_args(labels, hp.num_classes, self.seq_len, hp.num_iter, hp.sampler, hp.cfg_schedule,
+                                hp.temperature, cfg=hp.cfg, num_sampling_steps=hp.num_sampling_steps)
         except ValueError as err:
             raise ValueError(f"model.{err}") from None
         if not 1 <= hp.num_sampling_steps <= hp.num_train_timesteps:
@@ -203,12 +205,12 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
         with eval_mode(self):
             tokens = sample_tokens(
                 self.mar, self.head, labels,
-                num_iter=hp.num_iter if num_iter is None else num_iter,
-                cfg=hp.cfg if cfg is None else cfg,
-                cfg_schedule=cfg_schedule or hp.cfg_schedule,
-                temperature=hp.temperature if temperature is None else temperature,
-                num_sampling_steps=num_sampling_steps or hp.num_sampling_steps,
-                sampler=sampler or hp.sampler,
+                num_iter=default(num_iter, hp.num_iter),
+                cfg=default(cfg, hp.cfg),
+                cfg_schedule=default(cfg_schedule, hp.cfg_schedule),
+                temperature=default(temperature, hp.temperature),
+                num_sampling_steps=default(num_sampling_steps, hp.num_sampling_steps),
+                sampler=default(sampler, hp.sampler),
                 generator=generator, trace=trace, refiner=refiner, progress=progress,
             )  # (B, L, Dt)
         latents = unpatchify(tokens, hp.patch_size, *self.latent_shape)  # (B, C, H, W)
@@ -224,17 +226,3 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
         generator = torch.Generator(self.device).manual_seed(int(indices[0]))
         latents = self.generate(labels, generator=generator)
         return {"latents": latents, "labels": labels, "indices": indices}
-
-    # ----------------------------------------------------------------------------------------------- checkpoints
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, naming the file and the differing sizes, a checkpoint saved by a generator of another shape."""
-        mismatch = check_state_shapes(checkpoint.get("state_dict", {}), self.state_dict())
-        if mismatch:
-            path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-            saved = checkpoint.get("hyper_parameters", {})
-            differ = [f"{k}={saved[k]} (here {self.hparams[k]})" for k in self.hparams
-                      if k in saved and saved[k] != self.hparams[k]]
-            raise ValueError(
-                f"checkpoint {path or '(given)'} was saved by a different model: {mismatch}; "
-                f"hyper-parameters that differ: {', '.join(differ) or 'none recorded'}"
-            )

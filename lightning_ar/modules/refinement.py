@@ -9,7 +9,6 @@ the generator's own sampling. ``test``/``predict`` generate with refinement mode
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +20,16 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor
 
+from lightning_ar.checkpoints.loading import (
+    CheckpointError,
+    build_from_checkpoint,
+    class_path_of,
+    record_class,
+    resolve_class,
+)
 from lightning_ar.modules.causal_ar import CausalARGenerator
 from lightning_ar.modules.generator import MARGenerator
+from lightning_ar.modules.utils import check_finite_hparams, default
 from lightning_ar.nn.mar import patchify
 from lightning_ar.nn.masking import cosine_schedule
 from lightning_ar.nn.refine import AmortizedRefiner, ConditionBank
@@ -51,26 +58,24 @@ def load_generator(generator: str | L.LightningModule | None, generator_hparams:
         return _load_generator(generator, generator_hparams)
 
 
-def _generator_class(hparams: dict) -> type[L.LightningModule]:
-    """The generator class of saved hparams: the causal generator is the one with an ``order`` (raster/random)."""
+GENERATORS: tuple[type[L.LightningModule], ...] = (MARGenerator, CausalARGenerator)
+
+
+def _guess_generator_class(hparams: dict) -> type[L.LightningModule]:
+    """For checkpoints that record no class: the causal generator is the one with an ``order`` (raster/random)."""
     return CausalARGenerator if "order" in hparams else MARGenerator
 
 
 def _load_generator(generator: str | L.LightningModule | None, generator_hparams: dict | None) -> L.LightningModule:
-    if isinstance(generator, (MARGenerator, CausalARGenerator)):
+    if isinstance(generator, GENERATORS):
         return generator
     if generator is not None and Path(generator).is_file():
-        try:
-            saved = torch.load(generator, map_location="cpu", weights_only=False, mmap=True)
-            hparams = saved.get("hyper_parameters", {})
-            hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI's _class_path etc.
-            return _generator_class(hparams).load_from_checkpoint(generator, map_location="cpu")
-        except (RuntimeError, TypeError, KeyError, AttributeError, EOFError, pickle.UnpicklingError) as err:
-            raise ValueError(f"model.generator: {generator} is not a readable generator checkpoint "
-                             f"({type(err).__name__}: {str(err)[:300]})") from err
+        return build_from_checkpoint(generator, "model.generator", GENERATORS, _guess_generator_class)
     if generator_hparams is not None:  # weights come from the refinement checkpoint's state dict
         hparams = {k: v for k, v in generator_hparams.items() if not k.startswith("_")}
-        return _generator_class(hparams)(**hparams)
+        recorded = generator_hparams.get("_class_path")
+        cls = resolve_class(recorded) if recorded else _guess_generator_class(hparams)
+        return cls(**hparams)
     if generator is None:
         raise ValueError("model.generator must be the path of a MARGenerator or CausalARGenerator checkpoint")
     raise FileNotFoundError(f"model.generator: checkpoint {generator} does not exist")
@@ -109,6 +114,9 @@ class OTRefinement(L.LightningModule):
         generator_hparams: Set automatically (the generator's hyper-parameters, to rebuild it from a checkpoint).
     """
 
+    # Options that define the module's buffers and networks: a checkpoint's values win.
+    ARCHITECTURE = ("bank_capacity", "heldout_capacity", "null_bank", "refiner_hidden", "refiner_depth")
+
     def __init__(
         self,
         generator: str | MARGenerator | None = None,
@@ -138,9 +146,10 @@ class OTRefinement(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["generator", "optimizer"])
         gen = load_generator(generator, generator_hparams).requires_grad_(False).eval()
-        self.hparams["generator_hparams"] = dict(gen.hparams)
+        self.hparams["generator_hparams"] = {**dict(gen.hparams), "_class_path": class_path_of(gen)}
         self.mar_generator = gen
         self._check_data_link(latent_shape, num_classes, latent_scale)
+        check_finite_hparams(self.hparams)
         if mode not in MODES:
             raise ValueError(f"model.mode must be one of {MODES}, got {mode!r}")
         if bank_epochs < 1 or teacher_passes < 1:
@@ -262,10 +271,10 @@ class OTRefinement(L.LightningModule):
         each step also records the inner-flow trace and the Sinkhorn divergence of the produced conditions to the
         held-out ideal conditions before and after refinement.
         """
-        num_iter = kwargs.get("num_iter") or self.mar_generator.hparams.num_iter
+        num_iter = default(kwargs.get("num_iter"), self.mar_generator.hparams.num_iter)
         if num_iter != len(self.schedule):
             raise ValueError(f"num_iter={num_iter} but the condition bank was built for num_iter={len(self.schedule)}")
-        hook = self._hook(refine or self.hparams.mode, record_trace=trace is not None)
+        hook = self._hook(default(refine, self.hparams.mode), record_trace=trace is not None)
         latents = self.mar_generator.generate(labels, generator=generator, trace=trace, refiner=hook, **kwargs)
         self.last_generation_stats = {"refine_seconds": hook.stats.seconds if hook is not None else 0.0}
         if trace is not None:
@@ -295,13 +304,17 @@ class OTRefinement(L.LightningModule):
         return {"latents": self.generate(labels, generator=generator), "labels": labels, "indices": indices}
 
     # ----------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record this module's class in the checkpoint (read by the CLI's precedence rule)."""
+        record_class(self, checkpoint)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with a clear message, a bank built for another generator (other width or step count)."""
         state = checkpoint.get("state_dict", {})
         for name, bank in (("bank", self.bank), ("heldout", self.heldout)):
             saved = state.get(f"{name}.conditions")
             if saved is not None and tuple(saved.shape) != tuple(bank.conditions.shape):
-                raise ValueError(
+                raise CheckpointError(
                     f"the checkpoint's {name} holds [num_iter={saved.shape[0]}, M={saved.shape[1]}, D={saved.shape[2]}]"
                     f" but this generator needs num_iter={bank.conditions.shape[0]}, D={bank.conditions.shape[2]}"
                     f" (and model.{name}_capacity={bank.conditions.shape[1]}): it was built for another generator"

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_ar.checkpoints.loading import CheckpointError, record_class
 from lightning_ar.modules.optim import configure_adamw
-from lightning_ar.modules.utils import fork_rng, step_seeds
+from lightning_ar.modules.utils import check_state_shapes, fork_rng, step_seeds
 
 
 class DiffusionLossSteps:
@@ -51,3 +52,27 @@ class DiffusionLossSteps:
 
     def configure_optimizers(self) -> Any:
         return configure_adamw(self, self.no_decay_modules(), self.optimizer_factory, self.lr_scheduler_factory)
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record this module's class in the checkpoint (read by the CLI's precedence rule)."""
+        record_class(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, naming the file and what differs, a checkpoint of another shape or another latent scale."""
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        saved = checkpoint.get("hyper_parameters", {})
+        mismatch = check_state_shapes(checkpoint.get("state_dict", {}), self.state_dict())
+        if mismatch:
+            differ = [f"{k}={saved[k]} (here {self.hparams[k]})" for k in self.hparams
+                      if k in saved and saved[k] != self.hparams[k]]
+            raise CheckpointError(
+                f"checkpoint {path or '(given)'} was saved by a different model: {mismatch}; "
+                f"hyper-parameters that differ: {', '.join(differ) or 'none recorded'}"
+            )
+        scale, here = saved.get("latent_scale"), float(self.hparams.latent_scale)
+        if scale is not None and abs(float(scale) / here - 1.0) > 1e-4:
+            raise CheckpointError(
+                f"checkpoint {path or '(given)'} was trained on latents scaled by {scale}, but the data's latent scale "
+                f"is {here}: pin it with --data.latent_scale {scale} (or use the data the model was trained on)"
+            )

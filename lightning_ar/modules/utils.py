@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+import numbers
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -20,6 +22,20 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def default(value, fallback):
+    """``fallback`` when ``value`` is ``None``, else ``value`` (never ``value or fallback``: 0 is not "unset")."""
+    return fallback if value is None else value
+
+
+def check_finite_hparams(hparams: Mapping[str, object], prefix: str = "model") -> None:
+    """Raise ``ValueError`` naming the option if any numeric hyper-parameter (or tuple entry) is NaN or infinite."""
+    for name, value in hparams.items():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isfinite(v):
+                raise ValueError(f"{prefix}.{name} must be a finite number, got {value!r}")
 
 
 def check_latent_shape(latent_shape: Sequence[int], patch_size: int) -> tuple[int, int, int]:

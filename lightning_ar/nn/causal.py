@@ -288,7 +288,8 @@ def sample_causal_tokens(
         ``[B, L, token_dim]`` tokens in position (raster) order.
     """
     seq_len = model.seq_len
-    check_sampling_args(labels, model.num_classes, seq_len, seq_len, sampler, cfg_schedule, temperature)
+    check_sampling_args(labels, model.num_classes, seq_len, seq_len, sampler, cfg_schedule, temperature, cfg=cfg,
+                        num_sampling_steps=num_sampling_steps)
     guided = cfg != 1.0
     both = torch.cat([labels, torch.full_like(labels, -1)]) if guided else labels  # (B or 2B,)
     ordered = torch.zeros(labels.shape[0], seq_len, head.token_dim, device=labels.device)  # generation order

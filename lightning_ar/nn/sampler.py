@@ -6,6 +6,8 @@ are sampled by the diffusion head (all of the batch at once), and the mask shrin
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Literal, Protocol
 
 import torch
@@ -39,21 +41,58 @@ def cfg_at_step(cfg: float, schedule: CfgSchedule, num_masked_after: int, seq_le
 
 
 def check_sampling_args(
-    labels: Tensor, num_classes: int, seq_len: int, num_iter: int, sampler: str, cfg_schedule: str, temperature: float
+    labels: Tensor,
+    num_classes: int,
+    seq_len: int,
+    num_iter: int,
+    sampler: str,
+    cfg_schedule: str,
+    temperature: float,
+    *,
+    cfg: float = 1.0,
+    num_sampling_steps: int = 1,
 ) -> None:
-    """Raise ``ValueError`` naming the option when a sampling argument is out of range."""
-    if labels.ndim != 1 or labels.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"labels must be a 1-D integer tensor, got dtype {labels.dtype} shape {tuple(labels.shape)}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    """Raise ``ValueError`` naming the argument when a sampling argument has the wrong type or is out of range.
+
+    Args:
+        labels: ``[B]`` integer class labels (``B >= 1``).
+        num_classes: Number of classes of the model.
+        seq_len: Number of tokens.
+        num_iter: AR steps, an integer in ``[1, seq_len]``.
+        sampler: One of :data:`SAMPLERS`.
+        cfg_schedule: ``linear`` or ``constant``.
+        temperature: A finite number ``> 0``.
+        cfg: A finite guidance scale.
+        num_sampling_steps: Denoising steps of the head, an integer ``>= 1`` (the head checks its upper bound).
+    """
+    if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.dtype not in (torch.int32, torch.int64):
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        dtype = labels.dtype if isinstance(labels, Tensor) else None
+        raise ValueError(f"labels must be a 1-D integer tensor [B], got dtype {dtype} shape {shape}")
+    if labels.numel() == 0:
+        raise ValueError("labels must hold at least one label, got an empty tensor")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
         raise ValueError(f"labels must be in [0, {num_classes - 1}] (num_classes={num_classes}), got {labels.tolist()}")
-    if not 1 <= num_iter <= seq_len:
-        raise ValueError(f"num_iter must be in [1, {seq_len}] (the number of tokens), got {num_iter}")
+    if not _is_int(num_iter) or not 1 <= num_iter <= seq_len:
+        raise ValueError(f"num_iter must be an integer in [1, {seq_len}] (the number of tokens), got {num_iter!r}")
+    if not _is_int(num_sampling_steps) or num_sampling_steps < 1:
+        raise ValueError(f"num_sampling_steps must be an integer >= 1, got {num_sampling_steps!r}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if cfg_schedule not in ("linear", "constant"):
         raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not _is_real(temperature) or not math.isfinite(temperature) or not temperature > 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not _is_real(cfg) or not math.isfinite(cfg):
+        raise ValueError(f"cfg must be a finite number, got {cfg!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _conditions(mar: MaskedAutoregressiveTransformer, tokens: Tensor, mask: Tensor, labels: Tensor, guided: bool):
@@ -100,8 +139,9 @@ def sample_tokens(
     Returns:
         ``[B, L, token_dim]`` tokens.
     """
+    check_sampling_args(labels, mar.num_classes, mar.seq_len, num_iter, sampler, cfg_schedule, temperature, cfg=cfg,
+                        num_sampling_steps=num_sampling_steps)
     b, seq_len, device = labels.shape[0], mar.seq_len, labels.device
-    check_sampling_args(labels, mar.num_classes, seq_len, num_iter, sampler, cfg_schedule, temperature)
     tokens = torch.zeros(b, seq_len, head.token_dim, device=device)
     mask = torch.ones(b, seq_len, dtype=torch.bool, device=device)
     orders = random_orders(b, seq_len, generator, device)
