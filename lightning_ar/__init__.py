@@ -8,7 +8,7 @@ from lightning_ar.callbacks import (
     SampleWriter,
     SinkhornDivergenceMonitor,
 )
-from lightning_ar.checkpoints import import_mar_checkpoint
+from lightning_ar.checkpoints import AtomicCheckpointIO, CheckpointError, import_mar_checkpoint
 from lightning_ar.data import (
     CacheSource,
     DigitsSource,
@@ -19,6 +19,7 @@ from lightning_ar.data import (
     load_vae,
     validate_cache,
 )
+from lightning_ar.errors import UsageError
 from lightning_ar.metrics import ImageQualityEvaluator, evaluate_npz
 from lightning_ar.modules import CausalARGenerator, ConditionalDiffusion, MARGenerator, OTRefinement
 from lightning_ar.nn import DiffusionLoss, GenerationTrace, MaskedAutoregressiveTransformer, StepRecord
@@ -28,6 +29,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdmNpzWriter",
+    "AtomicCheckpointIO",
+    "CheckpointError",
+    "UsageError",
     "CacheSource",
     "ImageQualityEvaluator",
     "convert_ldm_kl16",

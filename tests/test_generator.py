@@ -70,10 +70,10 @@ def test_refiner_hook_moves_conditions(tiny_generator: MARGenerator) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"num_iter": 0}, "num_iter must be in \\[1, 16\\]"),
-        ({"num_iter": 17}, "num_iter must be in \\[1, 16\\]"),
+        ({"num_iter": 0}, "num_iter must be an integer in \\[1, 16\\]"),
+        ({"num_iter": 17}, "num_iter must be an integer in \\[1, 16\\]"),
         ({"sampler": "euler"}, "sampler must be one of"),
-        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"temperature": 0.0}, "temperature must be a finite number > 0"),
         ({"cfg_schedule": "cosine"}, "cfg_schedule"),
         ({"num_sampling_steps": 5000}, "num_sampling_steps must be in"),
     ],
@@ -94,7 +94,7 @@ def test_generate_rejects_labels_out_of_range(tiny_generator: MARGenerator, labe
     [
         ({"patch_size": 3}, "model.patch_size=3 must divide"),
         ({"latent_shape": (8, 8)}, "model.latent_shape must be"),
-        ({"num_iter": 20}, "model.num_iter must be in \\[1, 16\\]"),
+        ({"num_iter": 20}, "model.num_iter must be an integer in \\[1, 16\\]"),
         ({"sampler": "heun"}, "model.sampler must be one of"),
         ({"width": 30, "num_heads": 4}, "model.width"),
         ({"buffer_size": 0}, "buffer_size must be >= 1"),

@@ -8,9 +8,15 @@ convolutions do) and :class:`ShardWriter` writes each shard atomically when comp
 with the same arguments skips the shards already on disk (each is validated; invalid ones are re-encoded) and
 finishes the rest. Finally rank 0 computes the latent scale and writes ``meta.json``, the mark of a finished cache.
 
+Re-runs are checked against ``manifest.json`` (:mod:`.manifest`): unchanged inputs resume; other settings are
+refused (``--overwrite true`` re-encodes everything); changed images are refused unless ``--update true``, which
+re-encodes exactly the shards whose images changed. Each shard's record (image digest, file checksums) decides whether
+it is done.
+
 Policy for bad input: an unreadable or corrupted image stops the run with an error naming the file (shards already
-written are kept; replace or remove the file and re-run); an empty class folder or an image root without class
-folders stops before any encoding (torchvision's ImageFolder rules).
+written are kept; replace or remove the file and re-run with ``--update true``); an empty class folder or an image root
+without class folders stops before any encoding (torchvision's ImageFolder rules). Under DDP the rank that failed first
+is named with its own error (:func:`first_error_wins`).
 """
 
 from __future__ import annotations
@@ -86,7 +92,8 @@ def load_image(path: str, image_size: int) -> Tensor:
         with Image.open(path) as img:
             arr = center_crop_arr(img.convert("RGB"), image_size)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path}: unreadable image ({err}); replace or remove it and re-run the cache") from None
+        raise ValueError(f"{path}: unreadable image ({err}); replace or remove it and re-run the cache with "
+                         "--update true") from None
     return torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
