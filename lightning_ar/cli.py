@@ -58,7 +58,7 @@ TOOLS: dict[str, str] = {
     "cache": "lightning_ar.data.cache:cache_main",
     "import-mar": "lightning_ar.checkpoints.import_mar:import_main",
     "convert-vae": "lightning_ar.data.vae:convert_main",
-    "evaluate": "lightning_ar.metrics.image_quality:evaluate_main",
+    "evaluate": "lightning_ar.metrics.evaluate:evaluate_main",
 }
 
 

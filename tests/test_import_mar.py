@@ -338,6 +338,35 @@ def test_refinement_accepts_imported_checkpoint(tiny_import) -> None:
     assert refinement.bank.conditions.shape[0] == 64  # one bank per AR step (num_iter 64)
 
 
+def test_safetensors_state_dict_imports_like_torch_save(tiny_import, tmp_path) -> None:
+    """MAR weights as a ``.safetensors`` state dict: the same mapping and checks give the same checkpoint."""
+    from safetensors.torch import save_file
+
+    ema, _, out = tiny_import
+    save_file(ema, tmp_path / "mar_tiny.safetensors")
+    save_file(ema, tmp_path / "no_suffix.bin")  # recognised by its header, not only by the suffix
+    expected = torch.load(out, weights_only=False)
+    for source in ("mar_tiny.safetensors", "no_suffix.bin"):
+        got = torch.load(import_mar_checkpoint(tmp_path / source, TINY, tmp_path / f"{source}.ckpt"),
+                         weights_only=False)
+        assert got["hyper_parameters"] == expected["hyper_parameters"]
+        assert set(got["state_dict"]) == set(expected["state_dict"])
+        for name, value in expected["state_dict"].items():
+            assert torch.equal(got["state_dict"][name], value), name
+    # the same checks as for torch.save files: wrong size, missing keys, unreadable file
+    with pytest.raises(ValueError, match=r"--size base expects .*has \(32, 2, 2, 24, 2\)"):
+        main(["import-mar", "--checkpoint", str(tmp_path / "mar_tiny.safetensors"), "--size", "base",
+              "--out", str(tmp_path / "o.ckpt")])
+    bad = dict(ema)
+    bad.pop("decoder_norm.bias")
+    save_file(bad, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"missing keys \['decoder_norm.bias'\]"):
+        import_mar_checkpoint(tmp_path / "bad.safetensors", TINY, tmp_path / "bad.ckpt")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        import_mar_checkpoint(tmp_path / "broken.safetensors", TINY, tmp_path / "broken.ckpt")
+
+
 # ------------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     ("edit", "message"),
