@@ -59,6 +59,8 @@ TOOLS: dict[str, str] = {
     "import-mar": "lightning_ar.checkpoints.import_mar:import_main",
     "convert-vae": "lightning_ar.data.vae:convert_main",
     "evaluate": "lightning_ar.metrics.evaluate:evaluate_main",
+    "demo": "lightning_ar.demo:main",
+    "configs": "lightning_ar.config_files:configs_main",
 }
 
 

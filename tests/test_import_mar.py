@@ -475,6 +475,37 @@ def test_imagenet_generator_config_has_published_recipe(config: str) -> None:
         "bf16-mixed", "ddp", 1, 3.0)
     assert trainer["callbacks"][0]["init_args"]["decay"] == 0.9999
     assert resolved["data"]["cache_dir"] and resolved["data"]["batch_size"] == 64
+    # MAR's learning-rate recipe as the run-independent numbers of MAR's README (--blr 1e-4 --warmup_epochs 100) ...
+    assert (hp["base_lr"], hp["warmup_epochs"]) == (1e-4, 100) and "lr" not in hp["optimizer"]["init_args"]
+    assert "lr_scheduler" not in hp
+    # ... and nothing in the file that depends on the world size (MAR's 2048 = 64 x 32 devices, 626 steps/epoch)
+    text = (REPO / "configs" / config).read_text()
+    assert not any(number in text for number in ("2048", "626", "1281167", "1,281,167", "${mul", "${div"))
+    # long runs can be watched: throughput and sample grids
+    classes = [c["class_path"].rsplit(".", 1)[-1] for c in trainer["callbacks"]]
+    assert {"ThroughputMonitor", "SampleGrid", "LearningRateMonitor"} <= set(classes)
+
+
+def test_mar_recipe_at_mars_scale() -> None:
+    """The recipe with MAR's run (64 per device x 32 devices, ImageNet's 1,281,167 images) gives MAR's numbers."""
+    import math
+
+    from lightning_ar.modules.optim import RunGeometry, configure_adamw
+
+    steps = math.ceil(math.ceil(1_281_167 / 32) / 64)
+    assert steps == 626
+    model = MARGenerator(latent_shape=(16, 4, 4), patch_size=1, width=32, encoder_depth=1, decoder_depth=1,
+                         num_heads=2, head_width=32, head_depth=1, base_lr=1e-4, warmup_epochs=100)
+    optim = configure_adamw(model, model.no_decay_modules(), None, None, 1e-4, 100, RunGeometry(32, 64, 1, steps))
+    assert [g["lr"] for g in optim["optimizer"].param_groups] == [0.0, 0.0]  # MAR's warmup starts from 0 ...
+    assert [g["initial_lr"] for g in optim["optimizer"].param_groups] == pytest.approx([8e-4, 8e-4])  # ... to 8e-4
+    scheduler = optim["lr_scheduler"]["scheduler"]
+    assert scheduler.lr_lambdas[0].warmup_steps == 62_600 and optim["lr_scheduler"]["interval"] == "step"
+    assert [scheduler.lr_lambdas[0](s) for s in (0, 31_300, 62_600, 10**6)] == [0.0, 0.5, 1.0, 1.0]
+    with pytest.raises(ValueError, match="warmup_epochs and model.lr_scheduler exclude each other"):
+        MARGenerator(warmup_epochs=1, lr_scheduler=lambda opt: None)
+    with pytest.raises(ValueError, match="model.base_lr must be > 0"):
+        MARGenerator(base_lr=0.0)
 
 
 @pytest.mark.parametrize("config", sorted(PUBLISHED), ids=str)
@@ -484,11 +515,10 @@ def test_imagenet_generator_config_runs_through_cli(config: str, tmp_path: Path)
     cli = build_cli(args + ["--trainer.default_root_dir", str(tmp_path)], run=False)
     assert isinstance(cli.model, MARGenerator)
     assert cli.trainer.callbacks[0].__class__.__name__ == "EMAWeightAveraging"
-    optim = cli.model.configure_optimizers()
-    assert optim["optimizer"].defaults["lr"] == pytest.approx(1e-4 * 2048 / 256)
-    assert optim["optimizer"].defaults["betas"] == (0.9, 0.95) and optim["optimizer"].defaults["weight_decay"] == 0.02
-    assert optim["lr_scheduler"]["scheduler"].total_iters == 100 * 626
-    assert optim["lr_scheduler"]["interval"] == "step"
+    assert (cli.model.hparams.base_lr, cli.model.hparams.warmup_epochs) == (1e-4, 100)
+    optimizer = cli.model.optimizer_factory([{"params": [torch.nn.Parameter(torch.zeros(1))]}])
+    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["weight_decay"] == 0.02
+    assert cli.model.lr_scheduler_factory is None  # the warmup comes from warmup_epochs and the run
 
 
 def test_refine_config_parses(tmp_path: Path) -> None:

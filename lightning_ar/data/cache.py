@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_ar.data.shards import DTYPES, CacheMeta, ShardInfo, open_shard, shard_files, write_shard
 from lightning_ar.data.vae import encode_moments, load_vae
+from lightning_ar.progress import progress_bar
 
 # Test-only: after a rank has written this many shards, SIGKILL the process group (simulates a killed job).
 KILL_ENV = "LIGHTNING_AR_CACHE_TEST_KILL_AFTER"
@@ -215,16 +216,17 @@ class ImagesPerSecondBar(TQDMProgressBar):
 
 
 def posterior_std(directory: str | Path, shards: list[ShardInfo], item_shape: tuple[int, ...], dtype: str,
-                  seed: int) -> float:
+                  seed: int, progress: bool = False) -> float:
     """Std of one posterior sample of every cached latent (both flip copies).
 
     Computed entirely in float64 numpy with one ``numpy.random.default_rng(seed)`` over the shards in order (noise
     ``[2N, C, h, w]`` per shard): the result is the same in any process and with any thread count (torch's
     float32 kernels and reductions are not, and the recorded scale must not depend on how the cache was made).
+    ``progress`` shows a bar over the shards.
     """
     rng = np.random.default_rng(seed)
     total, sq, count = 0.0, 0.0, 0
-    for info in shards:
+    for info in progress_bar(shards, desc="cache: latent scale", unit="shard", disable=not progress):
         moments, _ = open_shard(directory, info, item_shape, dtype)
         moments = np.asarray(moments, dtype=np.float64).reshape(-1, *item_shape[1:])  # (2N, 2C, h, w)
         mean, logvar = np.split(moments, 2, axis=1)
@@ -254,14 +256,18 @@ def _check_options(image_size: int, batch_size: int, shard_size: int, num_worker
 
 def finish_cache(out_dir: Path, items: ImageItems, vae: str, image_size: int, shard_size: int, dtype: str,
                  latent_shape: tuple[int, int, int], seed: int) -> CacheMeta:
-    """Validate every shard, compute the latent scale and write ``meta.json`` (rank 0, after all shards exist)."""
+    """Validate every shard, compute the latent scale and write ``meta.json`` (rank 0, after all shards exist).
+
+    Both passes read the whole cache (hours of I/O for ImageNet at scale): each shows a progress bar over the shards.
+    """
     c, h, w = latent_shape
     shards = []
-    for k, r in enumerate(shard_ranges(len(items), shard_size)):
+    ranges = shard_ranges(len(items), shard_size)
+    for k, r in progress_bar(enumerate(ranges), total=len(ranges), desc="cache: validate", unit="shard"):
         info = ShardInfo(*shard_files(k), count=len(r))
         open_shard(out_dir, info, (2, 2 * c, h, w), dtype, check_values=False)
         shards.append(info)
-    std = posterior_std(out_dir, shards, (2, 2 * c, h, w), dtype, seed)
+    std = posterior_std(out_dir, shards, (2, 2 * c, h, w), dtype, seed, progress=True)
     meta = CacheMeta(latent_shape=latent_shape, dtype=dtype, num_items=len(items), shard_size=shard_size,
                      shards=shards, class_names=list(items.classes), vae=vae, image_size=image_size,
                      latent_scale=1.0 / std)

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from lightning_ar.modules.optim import check_lr_recipe
 from lightning_ar.modules.steps import DiffusionLossSteps
 from lightning_ar.modules.utils import check_latent_shape, check_state_shapes, eval_mode
 from lightning_ar.nn.diffusion_loss import TIMESTEP_SPACINGS, DiffusionLoss
@@ -16,6 +17,7 @@ from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, patchify, unpat
 from lightning_ar.nn.masking import mask_from_orders, num_masked_for_training, random_orders, sample_mask_ratio
 from lightning_ar.nn.sampler import ConditionRefiner, check_sampling_args, sample_tokens
 from lightning_ar.nn.trace import GenerationTrace
+from lightning_ar.progress import default_progress
 
 
 class MARGenerator(DiffusionLossSteps, L.LightningModule):
@@ -54,6 +56,11 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
         seed: Base seed of the training randomness: step ``s`` on process ``r`` draws mask ratio, orders, label drop,
             timesteps, noise and dropout from seeds derived from ``(seed, s, r)``, so a resumed run repeats exactly
             what an uninterrupted one does, whatever the state of the global RNG.
+        base_lr: MAR's learning-rate recipe: the optimizer's lr becomes ``base_lr x global batch / 256``, the global
+            batch (world size x batch size x gradient accumulation) read from the Trainer in ``configure_optimizers``
+            (MAR: 1e-4). ``None``: the optimizer's own lr.
+        warmup_epochs: Linear warmup from 0 over this many epochs (steps per epoch from the Trainer: dataset length,
+            batch size, world size), then constant (MAR: 100); excludes ``lr_scheduler``. ``None``: no warmup.
     """
 
     def __init__(
@@ -86,6 +93,8 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
         sampler: str = "ddpm",
         timestep_spacing: str = "leading",
         seed: int = 0,
+        base_lr: float | None = None,
+        warmup_epochs: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -99,6 +108,7 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
         )
         self.head = DiffusionLoss(self.token_dim, width, head_width, head_depth, num_train_timesteps,
                                   timestep_spacing=timestep_spacing)
+        check_lr_recipe(base_lr, warmup_epochs, lr_scheduler)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
 
     def _check_options(self) -> None:
@@ -173,7 +183,7 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
         generator: torch.Generator | None = None,
         trace: GenerationTrace | None = None,
         refiner: ConditionRefiner | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
     ) -> Tensor:
         """Generate latents for ``labels``; options left ``None`` take the module's defaults.
 
@@ -191,7 +201,8 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
             generator: ``torch.Generator`` on the module's device (global RNG if ``None``).
             trace: :class:`GenerationTrace` to fill with per-step internals.
             refiner: Hook applied to the conditions of every AR step.
-            progress: Show a progress bar over AR steps.
+            progress: Show a progress bar over AR steps; ``None`` (default): shown when called from Python,
+                notebooks or tools, hidden inside a running Trainer stage (Lightning's bar reports there).
 
         Returns:
             ``[B, C, H, W]`` latents in the data's unscaled (VAE) space.
@@ -209,7 +220,7 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
                 temperature=hp.temperature if temperature is None else temperature,
                 num_sampling_steps=num_sampling_steps or hp.num_sampling_steps,
                 sampler=sampler or hp.sampler,
-                generator=generator, trace=trace, refiner=refiner, progress=progress,
+                generator=generator, trace=trace, refiner=refiner, progress=default_progress(progress, self),
             )  # (B, L, Dt)
         latents = unpatchify(tokens, hp.patch_size, *self.latent_shape)  # (B, C, H, W)
         return latents / hp.latent_scale
