@@ -9,6 +9,7 @@ from lightning_ar.callbacks import (
     SinkhornDivergenceMonitor,
 )
 from lightning_ar.checkpoints import import_mar_checkpoint
+from lightning_ar.config_files import config_path
 from lightning_ar.data import (
     CacheSource,
     DigitsSource,
@@ -19,7 +20,7 @@ from lightning_ar.data import (
     load_vae,
     validate_cache,
 )
-from lightning_ar.metrics import ImageQualityEvaluator, evaluate_npz
+from lightning_ar.metrics import ImageQualityEvaluator, ReferenceStatsFID, evaluate_npz
 from lightning_ar.modules import CausalARGenerator, ConditionalDiffusion, MARGenerator, OTRefinement
 from lightning_ar.nn import DiffusionLoss, GenerationTrace, MaskedAutoregressiveTransformer, StepRecord
 from lightning_ar.nn.refine import AmortizedRefiner, ConditionBank, RefinementResult, refine_conditions, sinkhorn_flow
@@ -30,6 +31,8 @@ __all__ = [
     "AdmNpzWriter",
     "CacheSource",
     "ImageQualityEvaluator",
+    "ReferenceStatsFID",
+    "config_path",
     "convert_ldm_kl16",
     "evaluate_npz",
     "import_mar_checkpoint",
