@@ -9,6 +9,7 @@ from lightning_ar.callbacks import (
     SinkhornDivergenceMonitor,
 )
 from lightning_ar.checkpoints import AtomicCheckpointIO, CheckpointError, import_mar_checkpoint
+from lightning_ar.config_files import config_path
 from lightning_ar.data import (
     CacheSource,
     DigitsSource,
@@ -20,7 +21,7 @@ from lightning_ar.data import (
     validate_cache,
 )
 from lightning_ar.errors import UsageError
-from lightning_ar.metrics import ImageQualityEvaluator, evaluate_npz
+from lightning_ar.metrics import ImageQualityEvaluator, ReferenceStatsFID, evaluate_npz
 from lightning_ar.modules import CausalARGenerator, ConditionalDiffusion, MARGenerator, OTRefinement
 from lightning_ar.nn import DiffusionLoss, GenerationTrace, MaskedAutoregressiveTransformer, StepRecord
 from lightning_ar.nn.refine import AmortizedRefiner, ConditionBank, RefinementResult, refine_conditions, sinkhorn_flow
@@ -34,6 +35,8 @@ __all__ = [
     "UsageError",
     "CacheSource",
     "ImageQualityEvaluator",
+    "ReferenceStatsFID",
+    "config_path",
     "convert_ldm_kl16",
     "evaluate_npz",
     "import_mar_checkpoint",

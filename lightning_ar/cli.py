@@ -34,7 +34,7 @@ from lightning_ar.checkpoints.precedence import (
     checkpoint_overrides,
 )
 from lightning_ar.checkpoints.resume import resume_last
-from lightning_ar.config_files import check_config_files
+from lightning_ar.config_check import check_config_files
 from lightning_ar.data.datamodule import LatentDataModule
 from lightning_ar.errors import UsageError
 
@@ -49,7 +49,9 @@ TOOLS: dict[str, tuple[str, str]] = {
     "cache": ("lightning_ar.data.cache:cache_main", "encode an ImageFolder with a VAE into a latent cache"),
     "import-mar": ("lightning_ar.checkpoints.import_mar:import_main", "convert an official MAR checkpoint"),
     "convert-vae": ("lightning_ar.data.vae:convert_main", "convert MAR's KL-16 VAE to a diffusers directory"),
-    "evaluate": ("lightning_ar.metrics.image_quality:evaluate_main", "FID/IS/precision/recall of an ADM .npz"),
+    "evaluate": ("lightning_ar.metrics.evaluate:evaluate_main", "FID/IS/precision/recall of an ADM .npz"),
+    "demo": ("lightning_ar.demo:main", "train, evaluate and refine on the embedded digits (what `make demo` runs)"),
+    "configs": ("lightning_ar.config_files:configs_main", "where the shipped configs are (also when installed)"),
 }
 
 
@@ -154,8 +156,8 @@ def _tool(name: str) -> Callable[[list[str]], None]:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``lightning-ar``: ``fit|validate|test|predict`` (LightningCLI) and the tools ``cache``,
-    ``convert-vae``, ``import-mar`` and ``evaluate`` (each with its own ``--help``).
+    """Entry point of ``lightning-ar``: ``fit|validate|test|predict`` (LightningCLI) and the tools of :data:`TOOLS`
+    (``cache``, ``import-mar``, ``convert-vae``, ``evaluate``, ``demo``, ``configs``; each with its own ``--help``).
 
     A :class:`~lightning_ar.errors.UsageError` (a bad option, config or input file) is printed without a traceback
     and exits with status 2; a non-finite loss that stopped training (``NonFiniteLoss(policy="stop")``) exits 1.

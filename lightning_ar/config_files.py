@@ -1,58 +1,46 @@
-"""Config files named on a command line, checked before the CLI parses them, so that errors name the file.
+"""The shipped YAML configs, found in a checkout and in an installed copy alike.
 
-jsonargparse reports a YAML syntax error without the file's name and lets an unresolvable omegaconf interpolation
-escape as a traceback; :func:`check_config_files` reads each ``--config`` / ``-c`` file first and raises a
-:class:`~lightning_ar.errors.UsageError` that names the file, the line or key, and the problem.
+They live in the repository's ``configs/``; ``lightning_ar/configs`` links to it and is installed with the package
+(package data), so the same relative names work everywhere::
+
+    lightning-ar configs                      # the folder of the installed configs
+    lightning-ar configs digits/mar.yaml      # the path of one of them
+    lightning-ar fit --config "$(lightning-ar configs digits/mar.yaml)"
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
 from pathlib import Path
 
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from lightning_ar.errors import UsageError
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-def config_paths(argv: Sequence[str]) -> list[str]:
-    """The values of ``--config X``, ``--config=X`` and ``-c X`` in ``argv``, in order."""
-    paths = []
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            paths.append(argv[i + 1])
-        elif arg.startswith("--config="):
-            paths.append(arg.split("=", 1)[1])
-    return paths
+def available_configs() -> list[str]:
+    """Names (relative paths such as ``digits/mar.yaml``) of the shipped configs, sorted."""
+    return sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yaml"))
 
 
-def check_config_file(path: str) -> None:
-    """Raise :class:`UsageError` naming ``path`` if it is missing, not YAML, or has an interpolation that fails."""
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"config file {path}: does not exist")
-    try:
-        data = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as err:
-        marked = isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None
-        where = f" (line {err.problem_mark.line + 1}, column {err.problem_mark.column + 1})" if marked else ""
-        problem = (err.problem if marked else None) or str(err).splitlines()[0]
-        raise UsageError(f"config file {path}: YAML syntax error{where}: {problem}") from None
-    if data is None:
-        return
-    if not isinstance(data, dict):
-        raise UsageError(f"config file {path}: expected a mapping of options at the top, got {type(data).__name__}")
-    try:
-        OmegaConf.to_container(OmegaConf.create(data), resolve=True)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)  # set by omegaconf when it knows the key
-        message = str(err).splitlines()[0]
-        raise UsageError(f"config file {path}: cannot resolve {key or 'an interpolation'}: {message}") from None
+def config_path(name: str) -> Path:
+    """The path of the shipped config ``name`` (e.g. ``"digits/mar.yaml"``, ``"debug.yaml"``).
+
+    Raises:
+        FileNotFoundError: no such config (the message lists the shipped ones).
+    """
+    path = CONFIG_DIR / name
+    if not path.is_file():
+        shipped = ", ".join(available_configs())
+        raise FileNotFoundError(f"no shipped config {name!r} in {CONFIG_DIR}; shipped: {shipped}")
+    return path
 
 
-def check_config_files(argv: Sequence[str]) -> None:
-    """:func:`check_config_file` for every config file named in ``argv``."""
-    for path in config_paths(argv):
-        check_config_file(path)
+def configs_main(argv: list[str] | None = None) -> None:
+    """``lightning-ar configs [NAME]``: print the folder of the shipped configs, or the path of ``NAME``."""
+    parser = argparse.ArgumentParser(prog="lightning-ar configs", description=configs_main.__doc__.split(":")[1])
+    parser.add_argument("name", nargs="?", help="a config name such as digits/mar.yaml (omitted: the folder)")
+    parser.add_argument("--list", action="store_true", help="list the shipped configs")
+    args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(available_configs()))
+    else:
+        print(config_path(args.name) if args.name else CONFIG_DIR)

@@ -1,7 +1,9 @@
-"""``make demo``: train MAR on the embedded digits, evaluate it, refine its conditions, and print the results.
+"""``make demo`` / ``lightning-ar demo``: train MAR on the embedded digits, evaluate it, refine its conditions, and
+print the results.
 
-Runs through the same entry point as the shell (:func:`lightning_ar.cli.main`), with all outputs under one folder
-(default ``outputs/demo``):
+Runs through the same entry point as the shell (:func:`lightning_ar.cli.main`) on the shipped configs (found in a
+checkout and in an installed copy, :mod:`lightning_ar.config_files`), with all outputs under one folder (default
+``outputs/demo``); ``--debug`` adds the seconds-long debug overlays:
 
 1. ``lightning-ar fit`` + ``test`` on ``configs/digits/mar.yaml`` (the generator);
 2. ``lightning-ar fit`` + ``test`` on ``configs/digits/refine.yaml`` with that checkpoint (OT refinement: banks,
@@ -20,8 +22,7 @@ from pathlib import Path
 
 from lightning_ar.callbacks.results import write_results
 from lightning_ar.cli import main as cli_main
-
-REPO = Path(__file__).resolve().parents[1]
+from lightning_ar.config_files import config_path
 
 
 def _run(stage: str, config: Path, out: Path, version: str, extra: list[str]) -> None:
@@ -87,14 +88,22 @@ def run_demo(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    """``lightning-ar demo [--out DIR] [--config C] [--refine-config R|none] [--debug] [CLI options...]``; unknown
+    options go to both stages' ``lightning-ar`` runs."""
+    parser = argparse.ArgumentParser(prog="lightning-ar demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/demo", help="output folder (replaced)")
-    parser.add_argument("--config", default=str(REPO / "configs" / "digits" / "mar.yaml"))
-    parser.add_argument("--refine-config", default=str(REPO / "configs" / "digits" / "refine.yaml"),
+    parser.add_argument("--config", default=str(config_path("digits/mar.yaml")), help="generator config")
+    parser.add_argument("--refine-config", default=str(config_path("digits/refine.yaml")),
                         help="refinement config ('none' to skip the refinement stage)")
+    parser.add_argument("--debug", action="store_true",
+                        help="add the debug overlays (debug.yaml, debug_refine.yaml): a seconds-long smoke run")
     args, extra = parser.parse_known_args(argv)
     refine = None if args.refine_config == "none" else Path(args.refine_config)
-    run_demo(Path(args.out), Path(args.config), refine, extra)
+    refine_extra = list(extra)
+    if args.debug:
+        extra = ["--config", str(config_path("debug.yaml")), *extra]
+        refine_extra = ["--config", str(config_path("debug_refine.yaml")), *refine_extra]
+    run_demo(Path(args.out), Path(args.config), refine, extra, refine_extra)
 
 
 if __name__ == "__main__":

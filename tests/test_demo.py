@@ -1,25 +1,44 @@
-"""`make demo`'s driver with the debug overlays: every stage runs and the combined table lists every row."""
+"""`make demo`'s driver (`lightning-ar demo`) with its debug overlays: every stage runs, the combined table lists every
+row, and the configs come from the package (``lightning_ar/configs``, the link to the repository's ``configs/``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from lightning_ar.demo import REPO, run_demo
+import pytest
+
+from lightning_ar.cli import main
+from lightning_ar.config_files import CONFIG_DIR, available_configs, config_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_packaged_configs_are_the_repository_configs() -> None:
+    """One source of truth: ``lightning_ar/configs`` resolves to ``configs/``, so README commands and an installed
+    copy read the same files."""
+    assert CONFIG_DIR.resolve() == (REPO / "configs").resolve()
+    shipped = set(available_configs())
+    assert {str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")} == shipped
+    assert {"digits/mar.yaml", "digits/refine.yaml", "debug.yaml", "imagenet256/mar_base.yaml"} <= shipped
+    with pytest.raises(FileNotFoundError, match="no shipped config 'nope.yaml'.*digits/mar.yaml"):
+        config_path("nope.yaml")
+
+
+def test_configs_tool_prints_paths(capsys: pytest.CaptureFixture) -> None:
+    main(["configs", "digits/mar.yaml"])
+    assert Path(capsys.readouterr().out.strip()) == config_path("digits/mar.yaml")
+    main(["configs", "--list"])
+    assert "gmm/mar.yaml" in capsys.readouterr().out.split()
 
 
 def test_demo_pipeline_with_debug_overlays(tmp_path: Path) -> None:
-    configs = REPO / "configs"
-    paths = run_demo(
-        tmp_path / "demo",
-        configs / "digits" / "mar.yaml",
-        configs / "digits" / "refine.yaml",
-        extra=["--config", str(configs / "debug.yaml"), "--trainer.enable_progress_bar=false"],
-        refine_extra=["--config", str(configs / "debug_refine.yaml"), "--trainer.enable_progress_bar=false"],
-    )
-    for name in ("generator checkpoint", "samples (test)", "refinement checkpoint", "results table"):
-        assert paths[name].is_file(), name
-    rows = json.loads(paths["results json"].read_text())
+    out = tmp_path / "demo"
+    main(["demo", "--debug", "--out", str(out), "--trainer.enable_progress_bar=false"])
+    for path in ("fit/checkpoints/last.ckpt", "test/samples/test_latest.png", "refine/checkpoints/last.ckpt",
+                 "results.md"):
+        assert (out / path).is_file(), path
+    rows = json.loads((out / "results.json").read_text())
     assert set(rows) == {"mar (default)", "mar + refine=none", "mar + refine=flow", "mar + refine=amortized"}
     for row in rows.values():
         assert 0.0 <= row["cond_acc"] <= 1.0 and row["fid"] > 0 and row["sec_per_image"] > 0

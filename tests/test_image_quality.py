@@ -155,7 +155,132 @@ def test_evaluate_npz_matches_in_memory_scoring(reference_npz: Path, tmp_path: P
     evaluator = _evaluator(reference_npz)
     evaluator.update(_as_latents(samples), torch.zeros(20, dtype=torch.long))
     results = evaluate_npz(tmp_path / "samples.npz", reference_npz, feature_extractor=TinyExtractor(), batch_size=8)
+    assert results.pop("fid_reference") == f"features of the 47 images of {reference_npz}"
     assert results == pytest.approx({**evaluator.compute(), **evaluator.reference(), "num_samples": 20.0})
+
+
+# ------------------------------------------------------------------------------ FID by the published protocol
+def _numpy_fid(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """The Frechet distance as ADM's evaluator computes it (scipy's sqrtm), independent of the package."""
+    from scipy import linalg
+
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean).real)
+
+
+def _features(images: np.ndarray) -> np.ndarray:
+    """TinyExtractor features of uint8 NHWC images, float64 ``[N, 8]``."""
+    with torch.no_grad():
+        return TinyExtractor()(torch.from_numpy(images).permute(0, 3, 1, 2))[0].double().numpy()
+
+
+def _stats(seed: int, dim: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """A mean and a full-rank covariance unlike the reference images' own."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(dim, dim)) * 0.2
+    return rng.normal(size=dim) * 0.3, a @ a.T + 0.05 * np.eye(dim)
+
+
+def test_frechet_distance_matches_scipy() -> None:
+    from lightning_ar.metrics import frechet_distance
+
+    (mu1, s1), (mu2, s2) = _stats(1, dim=16), _stats(2, dim=16)
+    got = float(frechet_distance(*(torch.from_numpy(x) for x in (mu1, s1, mu2, s2))))
+    assert got == pytest.approx(_numpy_fid(mu1, s1, mu2, s2), rel=1e-9)
+    assert float(frechet_distance(*(torch.from_numpy(x) for x in (mu1, s1, mu1, s1)))) == pytest.approx(0, abs=1e-9)
+
+
+@pytest.fixture
+def adm_reference(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
+    """An ADM-style reference batch: ``arr_0`` images plus stored ``mu``/``sigma`` unlike the images' own."""
+    images, (mu, sigma) = _random_images(47, seed=0), _stats(3)
+    np.savez(tmp_path / "adm_ref.npz", arr_0=images, mu=mu, sigma=sigma)
+    return tmp_path / "adm_ref.npz", images, mu, sigma
+
+
+def test_fid_uses_the_stored_statistics_of_an_adm_reference(adm_reference, tmp_path: Path) -> None:
+    path, images, mu, sigma = adm_reference
+    generated = _random_images(30, seed=11, low=20)
+    evaluator = _evaluator(path)
+    evaluator.update(_as_latents(generated), torch.zeros(30, dtype=torch.long))
+    got = evaluator.compute()
+    feats = _features(generated)
+    assert got["fid"] == pytest.approx(_numpy_fid(mu, sigma, feats.mean(0), np.cov(feats, rowvar=False)), rel=1e-7)
+    assert evaluator.fid_reference == f"mu/sigma of {path}"
+    # precision/recall, IS and the floors still come from arr_0: as with an arr_0-only copy of the reference
+    np.savez(tmp_path / "images_only.npz", arr_0=images)
+    images_only = _evaluator(tmp_path / "images_only.npz")
+    images_only.update(_as_latents(generated), torch.zeros(30, dtype=torch.long))
+    plain = images_only.compute()
+    assert {k: got[k] for k in ("precision", "recall", "is", "is_std")} == pytest.approx(
+        {k: plain[k] for k in ("precision", "recall", "is", "is_std")})
+    assert evaluator.reference() == pytest.approx(images_only.reference())
+    own = _features(images)
+    assert plain["fid"] == pytest.approx(_numpy_fid(own.mean(0), np.cov(own, rowvar=False), feats.mean(0),
+                                                    np.cov(feats, rowvar=False)), rel=1e-5)
+    assert images_only.fid_reference == f"features of the 47 images of {tmp_path / 'images_only.npz'}"
+    assert abs(got["fid"] - plain["fid"]) > 0.1 * plain["fid"]  # the stored statistics were used, not arr_0
+
+
+def test_same_images_with_other_statistics_give_another_fid(adm_reference, tmp_path: Path) -> None:
+    path, images, _, _ = adm_reference
+    other_mu, other_sigma = _stats(4)
+    np.savez(tmp_path / "other.npz", arr_0=images, mu=other_mu, sigma=other_sigma)
+    generated = _as_latents(_random_images(30, seed=11, low=20))
+    fids = []
+    for reference in (path, tmp_path / "other.npz"):
+        evaluator = _evaluator(reference)
+        evaluator.update(generated, torch.zeros(30, dtype=torch.long))
+        fids.append(evaluator.compute()["fid"])
+    feats = _features(_random_images(30, seed=11, low=20))
+    expected = _numpy_fid(other_mu, other_sigma, feats.mean(0), np.cov(feats, rowvar=False))
+    assert fids[1] == pytest.approx(expected, rel=1e-7) and abs(fids[0] - fids[1]) > 0.05 * fids[1]
+
+
+def test_stats_only_npz_and_reference_stats_override(adm_reference, tmp_path: Path) -> None:
+    path, images, mu, sigma = adm_reference
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)  # e.g. MAR's fid_stats/adm_in256_stats.npz
+    np.savez(tmp_path / "images_only.npz", arr_0=images)
+    generated = _random_images(30, seed=11, low=20)
+    np.savez(tmp_path / "samples.npz", arr_0=generated)
+    full = evaluate_npz(tmp_path / "samples.npz", path, feature_extractor=TinyExtractor(), batch_size=8)
+    stats_only = evaluate_npz(tmp_path / "samples.npz", reference_stats=tmp_path / "stats.npz",
+                              feature_extractor=TinyExtractor(), batch_size=8)
+    assert set(stats_only) == {"fid", "is", "is_std", "num_samples", "fid_reference"}  # no images: no PR, floors
+    assert stats_only["fid"] == pytest.approx(full["fid"], rel=1e-9)
+    assert stats_only["fid_reference"] == f"mu/sigma of {tmp_path / 'stats.npz'}"
+    combined = evaluate_npz(tmp_path / "samples.npz", tmp_path / "images_only.npz", feature_extractor=TinyExtractor(),
+                            batch_size=8, reference_stats=tmp_path / "stats.npz")
+    assert {k: v for k, v in combined.items() if k != "fid_reference"} == pytest.approx(
+        {k: v for k, v in full.items() if k != "fid_reference"})
+    # a stats-only file given as --reference works too
+    assert evaluate_npz(tmp_path / "samples.npz", tmp_path / "stats.npz", feature_extractor=TinyExtractor(),
+                        batch_size=8)["fid"] == pytest.approx(full["fid"], rel=1e-9)
+
+
+def test_reference_stats_errors_name_the_problem(tmp_path: Path, reference_npz: Path) -> None:
+    np.savez(tmp_path / "mu_only.npz", mu=np.zeros(8))
+    with pytest.raises(ValueError, match="neither arr_0 images nor mu/sigma"):
+        ImageQualityEvaluator(None, 1, tmp_path / "mu_only.npz")
+    with pytest.raises(ValueError, match=r"reference_stats .*no sigma"):
+        ImageQualityEvaluator(None, 1, reference_npz, feature_extractor=TinyExtractor(),
+                              reference_stats=tmp_path / "mu_only.npz").prepare("cpu")
+    np.savez(tmp_path / "wide.npz", mu=np.zeros(16), sigma=np.eye(16))
+    with pytest.raises(ValueError, match="mu has 16 features but the feature extractor gives 8"):
+        ImageQualityEvaluator(None, 1, reference_stats=tmp_path / "wide.npz",
+                              feature_extractor=TinyExtractor()).prepare("cpu")
+    np.savez(tmp_path / "bad_shape.npz", mu=np.zeros(8), sigma=np.eye(7))
+    with pytest.raises(ValueError, match=r"expected mu \[F\] and sigma \[F, F\]"):
+        ImageQualityEvaluator(None, 1, reference_stats=tmp_path / "bad_shape.npz",
+                              feature_extractor=TinyExtractor()).prepare("cpu")
+    with pytest.raises(FileNotFoundError, match="reference_stats"):
+        ImageQualityEvaluator(None, 1, reference_stats=tmp_path / "absent.npz")
+    with pytest.raises(ValueError, match="reference_stats"):
+        ImageQualityEvaluator(None, 1)
+    from lightning_ar.metrics.evaluate import evaluate_main
+
+    with pytest.raises(SystemExit):
+        evaluate_main([str(reference_npz)])  # neither --reference nor --reference-stats
 
 
 def test_evaluator_errors_name_the_problem(reference_npz: Path, tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ weights compute exactly what MAR computes.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from pathlib import Path
@@ -19,14 +18,13 @@ import yaml
 from conftest import save_generator_checkpoint
 from omegaconf import OmegaConf
 
-from lightning_ar import LatentDataModule, MARGenerator, OTRefinement
+from lightning_ar import MARGenerator, OTRefinement
 from lightning_ar.checkpoints import MAR_LATENT_SCALE, MARSize, convert_state_dict, import_mar_checkpoint
 from lightning_ar.cli import _register_resolvers, build_cli, main
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = Path("/work/shared/reference/mar_state_dict_shapes.json")
-if not REFERENCE.is_file():
-    REFERENCE = REPO.parent / "shared" / "reference" / "mar_state_dict_shapes.json"
+# MAR's parameter names and shapes (a format description, vendored with the tests: they read nothing outside the repo)
+REFERENCE = Path(__file__).resolve().parent / "data" / "mar_state_dict_shapes.json"
 TINY = MARSize(width=32, depth=2, num_heads=4, head_width=24, head_depth=2, cfg=2.0)
 TINY_LAYOUT = dict(width=32, depth=2, head_width=24, head_depth=2, token_dim=64, seq_len=64, buffer=4, classes=10)
 
@@ -340,6 +338,35 @@ def test_refinement_accepts_imported_checkpoint(tiny_import) -> None:
     assert refinement.bank.conditions.shape[0] == 64  # one bank per AR step (num_iter 64)
 
 
+def test_safetensors_state_dict_imports_like_torch_save(tiny_import, tmp_path) -> None:
+    """MAR weights as a ``.safetensors`` state dict: the same mapping and checks give the same checkpoint."""
+    from safetensors.torch import save_file
+
+    ema, _, out = tiny_import
+    save_file(ema, tmp_path / "mar_tiny.safetensors")
+    save_file(ema, tmp_path / "no_suffix.bin")  # recognised by its header, not only by the suffix
+    expected = torch.load(out, weights_only=False)
+    for source in ("mar_tiny.safetensors", "no_suffix.bin"):
+        got = torch.load(import_mar_checkpoint(tmp_path / source, TINY, tmp_path / f"{source}.ckpt"),
+                         weights_only=False)
+        assert got["hyper_parameters"] == expected["hyper_parameters"]
+        assert set(got["state_dict"]) == set(expected["state_dict"])
+        for name, value in expected["state_dict"].items():
+            assert torch.equal(got["state_dict"][name], value), name
+    # the same checks as for torch.save files: wrong size, missing keys, unreadable file
+    with pytest.raises(ValueError, match=r"--size base expects .*has \(32, 2, 2, 24, 2\)"):
+        main(["import-mar", "--checkpoint", str(tmp_path / "mar_tiny.safetensors"), "--size", "base",
+              "--out", str(tmp_path / "o.ckpt")])
+    bad = dict(ema)
+    bad.pop("decoder_norm.bias")
+    save_file(bad, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"missing keys \['decoder_norm.bias'\]"):
+        import_mar_checkpoint(tmp_path / "bad.safetensors", TINY, tmp_path / "bad.ckpt")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        import_mar_checkpoint(tmp_path / "broken.safetensors", TINY, tmp_path / "broken.ckpt")
+
+
 # ------------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     ("edit", "message"),
@@ -451,6 +478,37 @@ def test_imagenet_generator_config_has_published_recipe(config: str) -> None:
     guard = next(c for c in trainer["callbacks"] if c["class_path"].endswith("NonFiniteLoss"))
     assert guard["init_args"]["policy"] == "stop"
     assert resolved["data"]["cache_dir"] and resolved["data"]["batch_size"] == 64
+    # MAR's learning-rate recipe as the run-independent numbers of MAR's README (--blr 1e-4 --warmup_epochs 100) ...
+    assert (hp["base_lr"], hp["warmup_epochs"]) == (1e-4, 100) and "lr" not in hp["optimizer"]["init_args"]
+    assert "lr_scheduler" not in hp
+    # ... and nothing in the file that depends on the world size (MAR's 2048 = 64 x 32 devices, 626 steps/epoch)
+    text = (REPO / "configs" / config).read_text()
+    assert not any(number in text for number in ("2048", "626", "1281167", "1,281,167", "${mul", "${div"))
+    # long runs can be watched: throughput and sample grids
+    classes = [c["class_path"].rsplit(".", 1)[-1] for c in trainer["callbacks"]]
+    assert {"ThroughputMonitor", "SampleGrid", "LearningRateMonitor"} <= set(classes)
+
+
+def test_mar_recipe_at_mars_scale() -> None:
+    """The recipe with MAR's run (64 per device x 32 devices, ImageNet's 1,281,167 images) gives MAR's numbers."""
+    import math
+
+    from lightning_ar.modules.optim import RunGeometry, configure_adamw
+
+    steps = math.ceil(math.ceil(1_281_167 / 32) / 64)
+    assert steps == 626
+    model = MARGenerator(latent_shape=(16, 4, 4), patch_size=1, width=32, encoder_depth=1, decoder_depth=1,
+                         num_heads=2, head_width=32, head_depth=1, base_lr=1e-4, warmup_epochs=100)
+    optim = configure_adamw(model, model.no_decay_modules(), None, None, 1e-4, 100, RunGeometry(32, 64, 1, steps))
+    assert [g["lr"] for g in optim["optimizer"].param_groups] == [0.0, 0.0]  # MAR's warmup starts from 0 ...
+    assert [g["initial_lr"] for g in optim["optimizer"].param_groups] == pytest.approx([8e-4, 8e-4])  # ... to 8e-4
+    scheduler = optim["lr_scheduler"]["scheduler"]
+    assert scheduler.lr_lambdas[0].warmup_steps == 62_600 and optim["lr_scheduler"]["interval"] == "step"
+    assert [scheduler.lr_lambdas[0](s) for s in (0, 31_300, 62_600, 10**6)] == [0.0, 0.5, 1.0, 1.0]
+    with pytest.raises(ValueError, match="warmup_epochs and model.lr_scheduler exclude each other"):
+        MARGenerator(warmup_epochs=1, lr_scheduler=lambda opt: None)
+    with pytest.raises(ValueError, match="model.base_lr must be > 0"):
+        MARGenerator(base_lr=0.0)
 
 
 @pytest.mark.parametrize("config", sorted(PUBLISHED), ids=str)
@@ -460,11 +518,10 @@ def test_imagenet_generator_config_runs_through_cli(config: str, tmp_path: Path)
     cli = build_cli(args + ["--trainer.default_root_dir", str(tmp_path)], run=False)
     assert isinstance(cli.model, MARGenerator)
     assert "EMAWeightAveraging" in [c.__class__.__name__ for c in cli.trainer.callbacks]
-    optim = cli.model.configure_optimizers()
-    assert optim["optimizer"].defaults["lr"] == pytest.approx(1e-4 * 2048 / 256)
-    assert optim["optimizer"].defaults["betas"] == (0.9, 0.95) and optim["optimizer"].defaults["weight_decay"] == 0.02
-    assert optim["lr_scheduler"]["scheduler"].total_iters == 100 * 626
-    assert optim["lr_scheduler"]["interval"] == "step"
+    assert (cli.model.hparams.base_lr, cli.model.hparams.warmup_epochs) == (1e-4, 100)
+    optimizer = cli.model.optimizer_factory([{"params": [torch.nn.Parameter(torch.zeros(1))]}])
+    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["weight_decay"] == 0.02
+    assert cli.model.lr_scheduler_factory is None  # the warmup comes from warmup_epochs and the run
 
 
 def test_refine_config_parses(tmp_path: Path) -> None:
@@ -477,8 +534,6 @@ def test_refine_config_parses(tmp_path: Path) -> None:
         MAR_LATENT_SCALE)
 
 
-@pytest.mark.skipif("cache_dir" not in inspect.signature(LatentDataModule).parameters,
-                    reason="LatentDataModule has no cache_dir yet")
 @pytest.mark.parametrize("config", IMAGENET, ids=_name)
 def test_imagenet_config_print_config(config: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:

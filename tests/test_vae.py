@@ -20,7 +20,7 @@ from lightning_ar.data.vae import (
     load_vae,
 )
 
-SHAPES = Path("/work/shared/reference/mar_state_dict_shapes.json")
+SHAPES = Path(__file__).resolve().parent / "data" / "mar_state_dict_shapes.json"  # vendored format description
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z=4, encoder_attn={0, 1}, decoder_attn={1})
 
 
@@ -51,7 +51,6 @@ def _assert_same_function(ref: LDMAutoencoderKL, vae, image: torch.Tensor, laten
         torch.testing.assert_close(decode_latents(vae, z), ref.decode(z).clamp(-1, 1), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(not SHAPES.is_file(), reason="reference shapes not available")
 def test_reference_ldm_layout_is_mar_kl16(kl16: LDMAutoencoderKL) -> None:
     spec = json.loads(SHAPES.read_text())["kl16_vae"]
     shapes = {k: list(v.shape) for k, v in kl16.state_dict().items()}

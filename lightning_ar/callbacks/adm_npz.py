@@ -139,12 +139,7 @@ class AdmNpzWriter(SampleWriter):
                  keep_parts: bool = True) -> None:
         super().__init__(output_dir)
         self.npz_name, self.png_dir, self.keep_parts = npz_name, png_dir, keep_parts
-        self._resolved: Path | None = None
         self._expected: int | None = None
-
-    def _dir(self, trainer: L.Trainer) -> Path:
-        # resolved once in on_predict_start: trainer.log_dir is a collective, processes may run unequal batch counts
-        return self._resolved if self._resolved is not None else super()._dir(trainer)
 
     @override
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -154,7 +149,7 @@ class AdmNpzWriter(SampleWriter):
             raise ValueError(f"AdmNpzWriter supports one predict dataloader, got {len(loaders)}")
         full = trainer.num_predict_batches[0] >= len(loaders[0])
         self._expected = len(loaders[0].dataset) if full else None
-        self._resolved = super()._dir(trainer)
+        super().on_predict_start(trainer, pl_module)  # resolves the output folder on every process
         if trainer.is_global_zero:
             for stale in self._resolved.glob(PART_GLOB):
                 stale.unlink()

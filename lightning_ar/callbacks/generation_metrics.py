@@ -39,6 +39,11 @@ class GenerationMetrics(Callback):
     - ``<stage>/refine_share``: fraction of that time spent refining conditions (modules that report
       ``last_generation_stats["refine_seconds"]``, e.g. ``OTRefinement``).
 
+    Every process logs every key with ``sync_dist=True``: the metrics are computed from the samples of all processes
+    (the evaluators reduce across processes), so all processes hold the same value and ``ModelCheckpoint(monitor=
+    "val/fid")`` or ``EarlyStopping`` work under DDP; the timings are averaged over the processes. Monitor a key only
+    at epochs where it is computed (``every_n_epochs``).
+
     At the end of ``test`` the table (one row per variant, with the floors) is written to
     ``<results_dir>/results.md`` and ``results.json`` and printed.
 
@@ -125,7 +130,7 @@ class GenerationMetrics(Callback):
             prefix = stage if list(self.variants) == [DEFAULT_VARIANT] else f"{stage}/{name}"
             for key, value in row.items():
                 if key != "num_samples":
-                    pl_module.log(f"{prefix}/{key}", value, rank_zero_only=True)
+                    pl_module.log(f"{prefix}/{key}", value, sync_dist=True)
         self.last_results = results
         return results
 
@@ -164,8 +169,9 @@ class GenerationMetrics(Callback):
     @override
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         results = self._finish(trainer, pl_module, "test")
+        log_dir = trainer.log_dir  # a collective under DDP: every process must call it
         if trainer.is_global_zero:
-            out_dir = Path(self.results_dir or trainer.log_dir or trainer.default_root_dir)
+            out_dir = Path(self.results_dir or log_dir or trainer.default_root_dir)
             paths = write_results(results, out_dir, title=f"Test results ({type(pl_module).__name__})")
             rank_zero_info(f"\n{format_table(results)}\nResults written to {paths[0]} and {paths[1]}")
 

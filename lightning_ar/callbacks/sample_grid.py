@@ -8,10 +8,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 from typing_extensions import override
+
+from lightning_ar.callbacks.image_log import log_image_to_all
 
 
 class SampleGrid(Callback):
@@ -19,8 +20,10 @@ class SampleGrid(Callback):
 
     The grid is generated at the end of the first validation (or test) batch, i.e. with the weights that
     validation uses (the EMA weights under ``EMAWeightAveraging``), from a fixed seed so grids of successive
-    epochs are comparable. It is written to ``<log_dir>/samples/<stage>_epoch<NNN>.png`` and ``<stage>_latest.png``
-    and logged as image ``samples/<stage>`` to a TensorBoard logger (other loggers get the file only).
+    epochs are comparable. Process 0 generates it (the others only join the collective ``trainer.log_dir``), writes
+    ``<log_dir>/samples/<stage>_epoch<NNN>.png`` and ``<stage>_latest.png``, and logs it as image ``samples/<stage>``
+    to every logger that takes images (:mod:`lightning_ar.callbacks.image_log`: TensorBoard, W&B, MLflow; a CSV
+    logger gets a PNG beside its ``metrics.csv``).
 
     Args:
         num_per_class: Columns of the grid.
@@ -47,6 +50,7 @@ class SampleGrid(Callback):
         self.every_n_epochs, self.on_test = every_n_epochs, on_test
         self.generate_kwargs = dict(generate_kwargs or {})
         self.last_path: Path | None = None
+        self.logged_to: list[str] = []
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -68,18 +72,17 @@ class SampleGrid(Callback):
         return make_grid(images.cpu(), nrow=self.num_per_class, padding=2, pad_value=1.0)
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        grid = self.grid(trainer, pl_module)
+        log_dir = trainer.log_dir  # a collective under DDP: every process must call it
         if not trainer.is_global_zero:
             return
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        grid = self.grid(trainer, pl_module)
+        out_dir = Path(log_dir or trainer.default_root_dir) / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{stage}_epoch{trainer.current_epoch:03d}.png"
         save_image(grid, path)
         save_image(grid, out_dir / f"{stage}_latest.png")
         self.last_path = path
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(f"samples/{stage}", grid, global_step=trainer.global_step)
+        self.logged_to = log_image_to_all(trainer.loggers, f"samples/{stage}", grid, trainer.global_step)
 
     @override
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

@@ -39,9 +39,18 @@ class SampleWriter(BasePredictionWriter):
     def __init__(self, output_dir: str | None = None) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
+        self._resolved: Path | None = None
 
     def _dir(self, trainer: L.Trainer) -> Path:
+        # resolved once in on_predict_start: trainer.log_dir is a collective, processes may run unequal batch counts
+        if self._resolved is not None:
+            return self._resolved
         return Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
+
+    @override
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._resolved = None
+        self._resolved = self._dir(trainer)
 
     @override
     def write_on_batch_end(

@@ -1,7 +1,9 @@
 """Import an official MAR checkpoint (Li et al., 2024; github.com/LTH14/mar) as a ``MARGenerator`` Lightning checkpoint.
 
 Official checkpoints are ``torch.save`` dicts with the keys ``model`` and ``model_ema`` (state dicts of MAR's ``MAR``
-module). Every parameter maps one-to-one onto :class:`~lightning_ar.MARGenerator`:
+module); MAR weights are also distributed as ``.safetensors`` files holding one such state dict, which are read with
+the ``safetensors`` package (same key mapping and checks). Every parameter maps one-to-one onto
+:class:`~lightning_ar.MARGenerator`:
 
 * ``fake_latent`` (MAR's null class for CFG) -> ``mar.null_class_emb``;
 * ``{encoder,decoder,diffusion}_pos_embed_learned`` -> ``mar.{encoder,decoder,diffusion}_pos_embed``;
@@ -189,14 +191,38 @@ def convert_state_dict(official: Mapping[str, Tensor], generator: MARGenerator) 
     return converted
 
 
+def is_safetensors(path: str | Path) -> bool:
+    """Whether ``path`` is a safetensors file (by its ``.safetensors`` suffix, or by its header: an 8-byte
+    little-endian length followed by a JSON object)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"--checkpoint {path}: not a readable safetensors file ({err})") from None
+
+
 def load_official(path: str | Path, which: str = "model_ema") -> dict[str, Tensor]:
     """The ``which`` state dict (``model_ema`` or ``model``) of an official checkpoint; ``model`` when the EMA one
-    is absent (with a message on stderr). A bare state dict is accepted as is."""
+    is absent (with a message on stderr). A bare state dict is accepted as is; a ``.safetensors`` file is one bare
+    state dict (``which`` does not apply)."""
     if which not in ("model_ema", "model"):
         raise ValueError(f"--which must be 'model_ema' or 'model', got {which!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint: {path} does not exist")
+    if is_safetensors(path):
+        return _load_safetensors(path)
     with torch.serialization.safe_globals([argparse.Namespace]):  # MAR also saves its argparse args
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict):
@@ -221,7 +247,8 @@ def import_mar_checkpoint(
     ``OTRefinement(generator=out)`` read); it is written atomically.
 
     Args:
-        checkpoint: Official checkpoint (``torch.save`` dict with ``model``/``model_ema``, or a bare state dict).
+        checkpoint: Official checkpoint (``torch.save`` dict with ``model``/``model_ema``, a bare state dict, or a
+            ``.safetensors`` state dict).
         size: ``base``, ``large``, ``huge`` or a :class:`MARSize`.
         out: Output ``.ckpt`` path.
         which: ``model_ema`` (default; falls back to ``model`` when absent) or ``model``.
@@ -250,7 +277,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="lightning-ar import-mar",
         description="Convert an official MAR checkpoint (github.com/LTH14/mar) into a MARGenerator .ckpt.",
     )
-    parser.add_argument("--checkpoint", required=True, help="official checkpoint (.pth with model/model_ema)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="official checkpoint (.pth with model/model_ema) or a .safetensors state dict")
     parser.add_argument("--size", required=True, choices=sorted(MAR_SIZES), help="MAR-B, MAR-L or MAR-H")
     parser.add_argument("--out", required=True, help="output Lightning checkpoint (.ckpt)")
     parser.add_argument("--which", default="model_ema", choices=("model_ema", "model"), help="weights to import")

@@ -60,6 +60,7 @@ from lightning_ar.data.shards import (
 from lightning_ar.data.vae import encode_moments, load_vae
 from lightning_ar.errors import UsageError
 from lightning_ar.io import atomic_write_text
+from lightning_ar.progress import progress_bar
 
 ERROR_GLOB = ".error.rank*"  # error files of failed ranks (see first_error_wins)
 
@@ -284,16 +285,17 @@ class ImagesPerSecondBar(TQDMProgressBar):
 
 
 def posterior_std(directory: str | Path, shards: list[ShardInfo], item_shape: tuple[int, ...], dtype: str,
-                  seed: int) -> float:
+                  seed: int, progress: bool = False) -> float:
     """Std of one posterior sample of every cached latent (both flip copies).
 
     Computed entirely in float64 numpy with one ``numpy.random.default_rng(seed)`` over the shards in order (noise
     ``[2N, C, h, w]`` per shard): the result is the same in any process and with any thread count (torch's
     float32 kernels and reductions are not, and the recorded scale must not depend on how the cache was made).
+    ``progress`` shows a bar over the shards.
     """
     rng = np.random.default_rng(seed)
     total, sq, count = 0.0, 0.0, 0
-    for info in shards:
+    for info in progress_bar(shards, desc="cache: latent scale", unit="shard", disable=not progress):
         moments, _ = open_shard(directory, info, item_shape, dtype)
         moments = np.asarray(moments, dtype=np.float64).reshape(-1, *item_shape[1:])  # (2N, 2C, h, w)
         mean, logvar = np.split(moments, 2, axis=1)
@@ -324,7 +326,8 @@ def _check_options(image_size: int, batch_size: int, shard_size: int, num_worker
 def finish_cache(out_dir: Path, items: ImageItems, manifest: Manifest, latent_shape: tuple[int, int, int],
                  seed: int) -> CacheMeta:
     """Validate every shard against its record, drop shards beyond the last (left by a larger earlier run), compute
-    the latent scale and write ``meta.json`` (rank 0, after all shards exist).
+    the latent scale and write ``meta.json`` (rank 0, after all shards exist). Both passes read the whole cache
+    (hours of I/O for ImageNet at scale): each shows a progress bar over the shards.
 
     Raises:
         RuntimeError: a shard or its record is missing or damaged, or the latent scale is not a finite number.
@@ -332,14 +335,14 @@ def finish_cache(out_dir: Path, items: ImageItems, manifest: Manifest, latent_sh
     c, h, w = latent_shape
     settings, shards = manifest.settings, []
     ranges = shard_ranges(len(items), settings.shard_size)
-    for k, r in enumerate(ranges):
+    for k, r in progress_bar(enumerate(ranges), total=len(ranges), desc="cache: validate", unit="shard"):
         record = read_shard_record(out_dir, k)
         if record is None or record[1] != manifest.shard_digest(r.start, r.stop):
             raise RuntimeError(f"cache {out_dir}: shard {k} has no valid record after encoding; re-run to finish")
         open_shard(out_dir, record[0], (2, 2 * c, h, w), settings.dtype, check_values=False)
         shards.append(record[0])
     remove_stray_shards(out_dir, len(ranges))
-    std = posterior_std(out_dir, shards, (2, 2 * c, h, w), settings.dtype, seed)
+    std = posterior_std(out_dir, shards, (2, 2 * c, h, w), settings.dtype, seed, progress=True)
     if not (math.isfinite(std) and std > 0):
         raise RuntimeError(f"cache {out_dir}: the latents' standard deviation is {std}, so no latent scale exists; "
                            "a shard holds non-finite or constant values (check the VAE); nothing was recorded")

@@ -8,8 +8,11 @@ from lightning_ar.metrics.digits_classifier import (
     load_or_train_digits_classifier,
     train_digits_classifier,
 )
+from lightning_ar.metrics.evaluate import evaluate_npz
+from lightning_ar.metrics.fid_stats import ReferenceStatsFID, frechet_distance, load_reference_stats
 from lightning_ar.metrics.gmm import GMMEvaluator
-from lightning_ar.metrics.image_quality import ImageQualityEvaluator, InceptionFeatures, evaluate_npz
+from lightning_ar.metrics.image_quality import ImageQualityEvaluator
+from lightning_ar.metrics.inception import InceptionFeatures
 from lightning_ar.metrics.precision_recall import ImprovedPrecisionRecall, precision_recall
 
 __all__ = [
@@ -20,8 +23,11 @@ __all__ = [
     "ImageQualityEvaluator",
     "ImprovedPrecisionRecall",
     "InceptionFeatures",
+    "ReferenceStatsFID",
     "SampleEvaluator",
     "evaluate_npz",
+    "frechet_distance",
+    "load_reference_stats",
     "load_or_train_digits_classifier",
     "precision_recall",
     "train_digits_classifier",

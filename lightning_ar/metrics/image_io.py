@@ -41,6 +41,24 @@ def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     raise ValueError(f"unsupported .npy format version {major}")
 
 
+def npz_image_count(path: str | Path, name: str = "npz") -> int:
+    """``N`` of ``arr_0`` ``[N, H, W, 3]`` in an ADM ``.npz`` (read from the array header only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: no file at {path}")
+    with zipfile.ZipFile(path) as zf:
+        if "arr_0.npy" not in zf.namelist():
+            raise ValueError(f"{name}: {path} has no arr_0 (ADM format); members: {zf.namelist()}")
+        with zf.open("arr_0.npy") as f:
+            return int(_read_npy_header(f)[0][0])
+
+
+def reference_image_count(reference: str | Path) -> int:
+    """Number of images of a reference ``.npz`` (``arr_0``) or image folder."""
+    reference = Path(reference)
+    return len(image_files(reference)) if reference.is_dir() else npz_image_count(reference, "reference")
+
+
 def iter_npz_images(path: str | Path, batch_size: int, name: str = "npz") -> Iterator[np.ndarray]:
     """Stream ``arr_0`` of an ADM ``.npz`` (``np.savez`` or ``np.savez_compressed``) in ``uint8`` ``[B, H, W, 3]``
     batches; memory stays ``O(batch_size)`` however large the file."""

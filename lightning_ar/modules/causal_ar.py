@@ -8,6 +8,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_ar.modules.optim import check_lr_recipe
 from lightning_ar.modules.steps import DiffusionLossSteps
 from lightning_ar.modules.utils import check_finite_hparams, check_latent_shape, default, eval_mode
 from lightning_ar.nn.causal import ORDERS, CausalTransformer, sample_causal_tokens
@@ -15,6 +16,7 @@ from lightning_ar.nn.diffusion_loss import TIMESTEP_SPACINGS, DiffusionLoss
 from lightning_ar.nn.mar import patchify, unpatchify
 from lightning_ar.nn.sampler import ConditionRefiner, check_sampling_args
 from lightning_ar.nn.trace import GenerationTrace
+from lightning_ar.progress import default_progress
 
 
 class CausalARGenerator(DiffusionLossSteps, L.LightningModule):
@@ -57,6 +59,11 @@ class CausalARGenerator(DiffusionLossSteps, L.LightningModule):
         sampler: Default head sampler: ``ddpm``, ``ddim`` or ``dpm++``.
         timestep_spacing: Spacing of the head's sampling timesteps: ``leading`` (default), ``linspace`` (MAR's
             respacing; set by ``import-mar``) or ``trailing``.
+        base_lr: MAR's learning-rate recipe: the optimizer's lr becomes ``base_lr x global batch / 256``, the global
+            batch (world size x batch size x gradient accumulation) read from the Trainer in ``configure_optimizers``
+            (MAR: 1e-4). ``None``: the optimizer's own lr.
+        warmup_epochs: Linear warmup from 0 over this many epochs (steps per epoch from the Trainer: dataset length,
+            batch size, world size), then constant (MAR: 100); excludes ``lr_scheduler``. ``None``: no warmup.
     """
 
     ARCHITECTURE = ("patch_size", "width", "encoder_depth", "decoder_depth", "num_heads", "mlp_ratio", "buffer_size",
@@ -91,6 +98,8 @@ class CausalARGenerator(DiffusionLossSteps, L.LightningModule):
         num_sampling_steps: int = 100,
         sampler: str = "ddpm",
         timestep_spacing: str = "leading",
+        base_lr: float | None = None,
+        warmup_epochs: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -108,6 +117,7 @@ class CausalARGenerator(DiffusionLossSteps, L.LightningModule):
         )
         self.head = DiffusionLoss(self.token_dim, width, head_width, head_depth, num_train_timesteps,
                                   timestep_spacing=timestep_spacing)
+        check_lr_recipe(base_lr, warmup_epochs, lr_scheduler)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
 
     def _check_options(self) -> None:
@@ -175,7 +185,7 @@ class CausalARGenerator(DiffusionLossSteps, L.LightningModule):
         trace: GenerationTrace | None = None,
         refiner: ConditionRefiner | None = None,
         use_cache: bool = True,
-        progress: bool = False,
+        progress: bool | None = None,
     ) -> Tensor:
         """Generate latents for ``labels``, one token per AR step; options left ``None`` take the defaults.
 
@@ -192,7 +202,8 @@ class CausalARGenerator(DiffusionLossSteps, L.LightningModule):
             trace: :class:`GenerationTrace` filled with one record per token.
             refiner: Hook applied to the conditions of every AR step.
             use_cache: Sample with the KV cache (``False``: recompute the prefix each step; same tokens).
-            progress: Show a progress bar over AR steps.
+            progress: Show a progress bar over AR steps; ``None`` (default): shown when called from Python,
+                notebooks or tools, hidden inside a running Trainer stage (Lightning's bar reports there).
 
         Returns:
             ``[B, C, H, W]`` latents in the data's unscaled (VAE) space.
@@ -211,7 +222,8 @@ class CausalARGenerator(DiffusionLossSteps, L.LightningModule):
                 temperature=default(temperature, hp.temperature),
                 num_sampling_steps=default(num_sampling_steps, hp.num_sampling_steps),
                 sampler=default(sampler, hp.sampler),
-                generator=generator, trace=trace, refiner=refiner, use_cache=use_cache, progress=progress,
+                generator=generator, trace=trace, refiner=refiner, use_cache=use_cache,
+                progress=default_progress(progress, self),
             )  # (B, L, Dt)
         return unpatchify(tokens, hp.patch_size, *self.latent_shape) / hp.latent_scale
 

@@ -8,6 +8,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_ar.modules.optim import check_lr_recipe
 from lightning_ar.modules.steps import DiffusionLossSteps
 from lightning_ar.modules.utils import check_finite_hparams, check_latent_shape, default, eval_mode
 from lightning_ar.nn.diffusion_loss import SAMPLERS, TIMESTEP_SPACINGS
@@ -54,6 +55,11 @@ class ConditionalDiffusion(DiffusionLossSteps, L.LightningModule):
         sampler: Default sampler: ``ddpm``, ``ddim`` or ``dpm++``.
         timestep_spacing: Spacing of the sampling timesteps: ``leading`` (default), ``linspace`` (MAR's respacing)
             or ``trailing``.
+        base_lr: MAR's learning-rate recipe: the optimizer's lr becomes ``base_lr x global batch / 256``, the global
+            batch (world size x batch size x gradient accumulation) read from the Trainer in ``configure_optimizers``
+            (MAR: 1e-4). ``None``: the optimizer's own lr.
+        warmup_epochs: Linear warmup from 0 over this many epochs (steps per epoch from the Trainer: dataset length,
+            batch size, world size), then constant (MAR: 100); excludes ``lr_scheduler``. ``None``: no warmup.
     """
 
     ARCHITECTURE = ("patch_size", "width", "encoder_depth", "decoder_depth", "num_heads", "mlp_ratio", "head_width",
@@ -84,6 +90,8 @@ class ConditionalDiffusion(DiffusionLossSteps, L.LightningModule):
         num_sampling_steps: int = 100,
         sampler: str = "ddpm",
         timestep_spacing: str = "leading",
+        base_lr: float | None = None,
+        warmup_epochs: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -97,6 +105,7 @@ class ConditionalDiffusion(DiffusionLossSteps, L.LightningModule):
         self.head = SequenceDiffusion(self.token_dim, self.seq_len, width, encoder_depth + decoder_depth, num_heads,
                                       mlp_ratio, dropout, head_width, head_depth, num_train_timesteps,
                                       timestep_spacing)
+        check_lr_recipe(base_lr, warmup_epochs, lr_scheduler)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
 
     def _check_options(self) -> None:

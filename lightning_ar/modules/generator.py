@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from lightning_ar.modules.optim import check_lr_recipe
 from lightning_ar.modules.steps import DiffusionLossSteps
 from lightning_ar.modules.utils import check_finite_hparams, check_latent_shape, default, eval_mode
 from lightning_ar.nn.diffusion_loss import TIMESTEP_SPACINGS, DiffusionLoss
@@ -14,6 +15,7 @@ from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, patchify, unpat
 from lightning_ar.nn.masking import mask_from_orders, num_masked_for_training, random_orders, sample_mask_ratio
 from lightning_ar.nn.sampler import ConditionRefiner, check_sampling_args, sample_tokens
 from lightning_ar.nn.trace import GenerationTrace
+from lightning_ar.progress import default_progress
 
 
 class MARGenerator(DiffusionLossSteps, L.LightningModule):
@@ -52,6 +54,11 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
         seed: Base seed of the training randomness: step ``s`` on process ``r`` draws mask ratio, orders, label drop,
             timesteps, noise and dropout from seeds derived from ``(seed, s, r)``, so a resumed run repeats exactly
             what an uninterrupted one does, whatever the state of the global RNG.
+        base_lr: MAR's learning-rate recipe: the optimizer's lr becomes ``base_lr x global batch / 256``, the global
+            batch (world size x batch size x gradient accumulation) read from the Trainer in ``configure_optimizers``
+            (MAR: 1e-4). ``None``: the optimizer's own lr.
+        warmup_epochs: Linear warmup from 0 over this many epochs (steps per epoch from the Trainer: dataset length,
+            batch size, world size), then constant (MAR: 100); excludes ``lr_scheduler``. ``None``: no warmup.
     """
 
     # Options that define the network: a checkpoint's values win; a config that disagrees is an error.
@@ -88,6 +95,8 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
         sampler: str = "ddpm",
         timestep_spacing: str = "leading",
         seed: int = 0,
+        base_lr: float | None = None,
+        warmup_epochs: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -101,6 +110,7 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
         )
         self.head = DiffusionLoss(self.token_dim, width, head_width, head_depth, num_train_timesteps,
                                   timestep_spacing=timestep_spacing)
+        check_lr_recipe(base_lr, warmup_epochs, lr_scheduler)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
 
     def _check_options(self) -> None:
@@ -175,7 +185,7 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
         generator: torch.Generator | None = None,
         trace: GenerationTrace | None = None,
         refiner: ConditionRefiner | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
     ) -> Tensor:
         """Generate latents for ``labels``; options left ``None`` take the module's defaults.
 
@@ -193,7 +203,8 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
             generator: ``torch.Generator`` on the module's device (global RNG if ``None``).
             trace: :class:`GenerationTrace` to fill with per-step internals.
             refiner: Hook applied to the conditions of every AR step.
-            progress: Show a progress bar over AR steps.
+            progress: Show a progress bar over AR steps; ``None`` (default): shown when called from Python,
+                notebooks or tools, hidden inside a running Trainer stage (Lightning's bar reports there).
 
         Returns:
             ``[B, C, H, W]`` latents in the data's unscaled (VAE) space.
@@ -211,7 +222,7 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
                 temperature=default(temperature, hp.temperature),
                 num_sampling_steps=default(num_sampling_steps, hp.num_sampling_steps),
                 sampler=default(sampler, hp.sampler),
-                generator=generator, trace=trace, refiner=refiner, progress=progress,
+                generator=generator, trace=trace, refiner=refiner, progress=default_progress(progress, self),
             )  # (B, L, Dt)
         latents = unpatchify(tokens, hp.patch_size, *self.latent_shape)  # (B, C, H, W)
         return latents / hp.latent_scale

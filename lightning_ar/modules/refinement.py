@@ -36,6 +36,7 @@ from lightning_ar.nn.refine import AmortizedRefiner, ConditionBank
 from lightning_ar.nn.refiners import AmortizedHook, FlowRefiner, FlowSettings, labelled_divergence
 from lightning_ar.nn.teacher_forcing import teacher_forced_conditions
 from lightning_ar.nn.trace import GenerationTrace
+from lightning_ar.progress import default_progress
 
 MODES = ("none", "flow", "amortized")
 
@@ -223,7 +224,8 @@ class OTRefinement(L.LightningModule):
         """Flow objective summed over AR steps, for the refiner applied to the generator's own conditions."""
         trace = GenerationTrace(keep_on_device=True)
         self.mar_generator.generate(
-            labels, num_sampling_steps=self.hparams.refiner_sampling_steps, trace=trace, generator=generator
+            labels, num_sampling_steps=self.hparams.refiner_sampling_steps, trace=trace, generator=generator,
+            progress=False,
         )
         loss = labels.new_zeros((), dtype=torch.float32)
         for k in range(len(trace.steps)):
@@ -275,6 +277,7 @@ class OTRefinement(L.LightningModule):
         if num_iter != len(self.schedule):
             raise ValueError(f"num_iter={num_iter} but the condition bank was built for num_iter={len(self.schedule)}")
         hook = self._hook(default(refine, self.hparams.mode), record_trace=trace is not None)
+        kwargs["progress"] = default_progress(kwargs.get("progress"), self)  # the inner generator has no trainer
         latents = self.mar_generator.generate(labels, generator=generator, trace=trace, refiner=hook, **kwargs)
         self.last_generation_stats = {"refine_seconds": hook.stats.seconds if hook is not None else 0.0}
         if trace is not None:

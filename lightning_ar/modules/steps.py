@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ar.checkpoints.loading import CheckpointError, record_class
-from lightning_ar.modules.optim import configure_adamw
+from lightning_ar.modules.optim import configure_adamw, run_geometry
 from lightning_ar.modules.utils import check_state_shapes, fork_rng, step_seeds
 
 
@@ -18,7 +18,8 @@ class DiffusionLossSteps:
     Training randomness comes from seeds of ``(hparams.seed, global_step, rank)`` (an explicit generator, and the global
     RNG forked and seeded for dropout), so a resumed run repeats an uninterrupted one; validation/test losses are
     seeded by the batch index. The module provides ``optimizer_factory``, ``lr_scheduler_factory`` and
-    :meth:`no_decay_modules`.
+    :meth:`no_decay_modules`; ``hparams.base_lr``/``hparams.warmup_epochs``, when set, apply MAR's learning-rate
+    recipe with the run's world size, batch size and epoch length (:mod:`lightning_ar.modules.optim`).
     """
 
     def no_decay_modules(self) -> tuple[nn.Module, ...]:
@@ -51,7 +52,10 @@ class DiffusionLossSteps:
         return self._eval_loss(batch, batch_idx, "test")
 
     def configure_optimizers(self) -> Any:
-        return configure_adamw(self, self.no_decay_modules(), self.optimizer_factory, self.lr_scheduler_factory)
+        base_lr, warmup_epochs = self.hparams.get("base_lr"), self.hparams.get("warmup_epochs")
+        geometry = run_geometry(self.trainer) if base_lr is not None or warmup_epochs is not None else None
+        return configure_adamw(self, self.no_decay_modules(), self.optimizer_factory, self.lr_scheduler_factory,
+                               base_lr, warmup_epochs, geometry)
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.models.vision_transformer import Mlp
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
 from lightning_ar.nn.dit import ClassEmbedding
 from lightning_ar.nn.sampler import CfgSchedule, ConditionRefiner, cfg_at_step, check_sampling_args
 from lightning_ar.nn.trace import GenerationTrace
+from lightning_ar.progress import progress_bar
 
 ORDERS = ("raster", "random")
 
@@ -296,7 +296,7 @@ def sample_causal_tokens(
     cache = KVCache() if use_cache else None
     if trace is not None:
         trace.labels = trace._store(labels)
-    for i in tqdm(range(seq_len), desc="AR steps", disable=not progress, leave=False):
+    for i in progress_bar(range(seq_len), desc="AR steps", disable=not progress, leave=False):
         if not use_cache:
             z_all = model.conditions_uncached(ordered[:, :i].repeat(2 if guided else 1, 1, 1), both)
         elif i == 0:

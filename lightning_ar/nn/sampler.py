@@ -12,12 +12,12 @@ from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from lightning_ar.nn.diffusion_loss import SAMPLERS, DiffusionLoss
 from lightning_ar.nn.mar import MaskedAutoregressiveTransformer
 from lightning_ar.nn.masking import cosine_schedule, mask_from_orders, random_orders
 from lightning_ar.nn.trace import GenerationTrace
+from lightning_ar.progress import progress_bar
 
 CfgSchedule = Literal["linear", "constant"]
 
@@ -148,7 +148,7 @@ def sample_tokens(
     if trace is not None:
         trace.labels = trace._store(labels)
     schedule = cosine_schedule(seq_len, num_iter)
-    for k in tqdm(range(num_iter), desc="AR steps", disable=not progress, leave=False):
+    for k in progress_bar(range(num_iter), desc="AR steps", disable=not progress, leave=False):
         z, z_null = _conditions(mar, tokens, mask, labels, guided=cfg != 1.0)  # (B, L, D) each
         mask_next = mask_from_orders(orders, schedule[k])
         to_pred = mask & ~mask_next  # (B, L)
