@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_ar.modules.optim import check_lr_recipe
-from lightning_ar.modules.steps import DiffusionLossSteps
+from lightning_ar.modules.steps import NETWORK_OPTIONS, DiffusionLossSteps
 from lightning_ar.modules.utils import check_finite_hparams, check_latent_shape, default, eval_mode
 from lightning_ar.nn.diffusion_loss import SAMPLERS, TIMESTEP_SPACINGS
 from lightning_ar.nn.dit import ClassEmbedding, SequenceDiffusion
@@ -62,8 +62,7 @@ class ConditionalDiffusion(DiffusionLossSteps, L.LightningModule):
             batch size, world size), then constant (MAR: 100); excludes ``lr_scheduler``. ``None``: no warmup.
     """
 
-    ARCHITECTURE = ("patch_size", "width", "encoder_depth", "decoder_depth", "num_heads", "mlp_ratio", "head_width",
-                    "head_depth", "num_train_timesteps")
+    ARCHITECTURE = NETWORK_OPTIONS  # from the checkpoint, never overridden
 
     def __init__(
         self,

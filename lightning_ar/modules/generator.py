@@ -8,7 +8,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lightning_ar.modules.optim import check_lr_recipe
-from lightning_ar.modules.steps import DiffusionLossSteps
+from lightning_ar.modules.steps import NETWORK_OPTIONS, DiffusionLossSteps
 from lightning_ar.modules.utils import check_finite_hparams, check_latent_shape, default, eval_mode
 from lightning_ar.nn.diffusion_loss import TIMESTEP_SPACINGS, DiffusionLoss
 from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, patchify, unpatchify
@@ -61,9 +61,7 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
             batch size, world size), then constant (MAR: 100); excludes ``lr_scheduler``. ``None``: no warmup.
     """
 
-    # Options that define the network: a checkpoint's values win; a config that disagrees is an error.
-    ARCHITECTURE = ("patch_size", "width", "encoder_depth", "decoder_depth", "num_heads", "mlp_ratio", "buffer_size",
-                    "head_width", "head_depth", "num_train_timesteps")
+    ARCHITECTURE = NETWORK_OPTIONS + ("buffer_size",)  # from the checkpoint, never overridden
 
     def __init__(
         self,

@@ -11,6 +11,11 @@ from lightning_ar.checkpoints.loading import CheckpointError, record_class
 from lightning_ar.modules.optim import configure_adamw, run_geometry
 from lightning_ar.modules.utils import check_state_shapes, fork_rng, step_seeds
 
+# Options that define the network of every generator here; each class adds its own (its ``ARCHITECTURE``): a
+# checkpoint's values win over a config's; a config that disagrees is an error (checkpoints.precedence).
+NETWORK_OPTIONS = ("patch_size", "width", "encoder_depth", "decoder_depth", "num_heads", "mlp_ratio", "head_width",
+                   "head_depth", "num_train_timesteps")
+
 
 class DiffusionLossSteps:
     """Mixin for a LightningModule with ``diffusion_loss(latents, labels, generator) -> scalar``.
