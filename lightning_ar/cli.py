@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 from argparse import RawDescriptionHelpFormatter
 from collections.abc import Callable
@@ -163,6 +164,7 @@ def main(args: list[str] | None = None) -> None:
     and exits with status 2; a non-finite loss that stopped training (``NonFiniteLoss(policy="stop")``) exits 1.
     """
     argv = sys.argv[1:] if args is None else list(args)
+    launch_env = {key: os.environ.get(key) for key in _LAUNCH_ENV}
     try:
         if argv and argv[0] in TOOLS:
             _tool(argv[0])(argv[1:])
@@ -176,6 +178,23 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(1) from None
     finally:
         _destroy_process_group()
+        _restore_env(launch_env)
+
+
+# What a DDP stage writes into this process's environment (Lightning's launcher and cluster environment, and
+# ``seed_everything``). Left behind, a later run in this process, or a subprocess it starts, takes ``LOCAL_RANK``
+# for "launched externally" and never starts its other processes (a hang), or reuses a stale ``MASTER_PORT``.
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE",
+               "LOCAL_WORLD_SIZE", "GROUP_RANK", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    """Put the launch variables of :data:`_LAUNCH_ENV` back as they were before :func:`main` ran."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _destroy_process_group() -> None:

@@ -392,7 +392,7 @@ def test_non_finite_latent_scale_is_refused(assets: Path, tmp_path: Path) -> Non
 
     out = tmp_path / "cache"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cache_module, "posterior_std", lambda *args: float("nan"))
+        patch.setattr(cache_module, "posterior_std", lambda *args, **kwargs: float("nan"))
         with pytest.raises(RuntimeError, match="no latent scale exists"):
             _run_cache(assets, assets / "images", out)
     assert not (out / "meta.json").exists()

@@ -429,3 +429,28 @@ def test_ddp_predict_gathers_every_index_once(tmp_path: Path) -> None:
     _check_adm_npz(tmp_path, 30)
     ranks = {p.name.split("_")[1] for p in (tmp_path / "out").glob("samples_rank*.npz")}
     assert ranks == {"rank0", "rank1"}  # both processes generated
+
+
+def test_inception_score_is_torchmetrics_and_finite_when_a_class_underflows() -> None:
+    """The float64 IS equals torchmetrics' where torchmetrics is finite, and stays finite (0 log 0 = 0) when a
+    class's probability underflows in every image: there torchmetrics returns NaN for valid images."""
+    from torchmetrics.image.inception import InceptionScore
+
+    from lightning_ar.metrics.inception import Precomputed, StableInceptionScore, seeded_inception_score
+
+    def both(logits: torch.Tensor) -> tuple[tuple[float, float], tuple[float, float]]:
+        scores = []
+        for cls in (InceptionScore, StableInceptionScore):
+            metric = cls(feature=Precomputed(logits.shape[1]), splits=2)
+            metric.update(logits)
+            scores.append(seeded_inception_score(metric, 0))
+        return scores[0], scores[1]
+
+    mild = torch.randn(40, 12, generator=torch.Generator().manual_seed(0))
+    reference, stable = both(mild)
+    assert stable == pytest.approx(reference, rel=1e-5)
+    confident = mild.clone()
+    confident[:, 3] = -1e4  # p(class 3) = 0 in float32 in every image
+    reference, stable = both(confident)
+    assert np.isnan(reference[0]) and np.isfinite(stable[0]) and stable[0] >= 1.0
+    assert stable == pytest.approx(both(mild[:, [i for i in range(12) if i != 3]])[1], rel=1e-5)  # class 3 ignored

@@ -302,7 +302,9 @@ def test_imported_head_samples_as_mar_respaced_ddpm(tiny_import) -> None:
 
 def test_round_trip_preserves_conditions_and_every_parameter(tiny_import) -> None:
     official, _, out = tiny_import
-    fresh = MARGenerator(**torch.load(out, weights_only=False)["hyper_parameters"])
+    hparams = torch.load(out, weights_only=False)["hyper_parameters"]
+    assert hparams.pop("_class_path") == "lightning_ar.MARGenerator"  # what LightningCLI's --ckpt_path reads
+    fresh = MARGenerator(**hparams)
     fresh.load_state_dict(convert_state_dict(official, fresh))
     loaded = MARGenerator.load_from_checkpoint(out, map_location="cpu")
     for name, value in fresh.state_dict().items():

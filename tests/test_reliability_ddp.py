@@ -89,7 +89,13 @@ def test_cli_tears_down_the_process_group(tmp_path: Path) -> None:
 
     from lightning_ar.cli import main
 
+    before = {key: os.environ.get(key) for key in ("LOCAL_RANK", "NODE_RANK", "MASTER_PORT", "MASTER_ADDR",
+                                                   "WORLD_SIZE")}
     main(["test", "--config", DIGITS, "--config", DEBUG, "--trainer.strategy", "ddp", "--trainer.devices", "1",
           "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
           "--trainer.default_root_dir", str(tmp_path)])
     assert dist.is_available() and not dist.is_initialized()
+    # and the launch variables are gone: a later 2-process run started from here (a subprocess inherits them) took
+    # LOCAL_RANK for "launched externally" and waited forever for a rank 1 it never started
+    launch = ("LOCAL_RANK", "NODE_RANK", "MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE")
+    assert {key: os.environ.get(key) for key in launch} == before

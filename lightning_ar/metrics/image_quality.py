@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.inception import InceptionScore
 
 from lightning_ar.metrics.base import SampleEvaluator
 from lightning_ar.metrics.fid_stats import ReferenceStatsFID, has_reference_stats, load_reference_stats, npz_members
@@ -33,6 +32,7 @@ from lightning_ar.metrics.image_io import iter_reference_batches, reference_imag
 from lightning_ar.metrics.inception import (
     InceptionFeatures,
     Precomputed,
+    StableInceptionScore,
     dist_active,
     fid_between,
     gather_shards,
@@ -221,7 +221,7 @@ class ImageQualityEvaluator(SampleEvaluator):
             pr.update(features, real=True)
             self._parts["pr"] = pr
         if logits is not None:
-            self._parts["is"] = InceptionScore(feature=Precomputed(logits.shape[1]), splits=self.is_splits, **sync)
+            self._parts["is"] = StableInceptionScore(feature=Precomputed(logits.shape[1]), splits=self.is_splits, **sync)
 
     def _compute_floors(self, features: Tensor, logits: Tensor | None) -> dict[str, float]:
         """Real-vs-real values on a fixed random half/half split of all reference features ``[N, F]``."""
@@ -233,7 +233,7 @@ class ImageQualityEvaluator(SampleEvaluator):
         precision, recall = precision_recall(a, b, self.pr_k)
         floors = {"fid_floor": fid_between(a, b), "precision_floor": precision, "recall_floor": recall}
         if logits is not None:
-            metric = InceptionScore(feature=Precomputed(logits.shape[1]), splits=self.is_splits,
+            metric = StableInceptionScore(feature=Precomputed(logits.shape[1]), splits=self.is_splits,
                                     sync_on_compute=False)
             metric.update(logits)
             floors["is_floor"] = seeded_inception_score(metric, self.seed)[0]

@@ -99,6 +99,31 @@ def gather_shards(tensor: Tensor, enabled: bool) -> Tensor:
     return out
 
 
+class StableInceptionScore(InceptionScore):
+    """torchmetrics' Inception Score, computed in float64 with ``0 log 0 = 0``.
+
+    torchmetrics evaluates ``p (log p - log mean p)`` in the logits' dtype: when a class's probability underflows to
+    0 in every image of a split, that term is ``0 * inf = NaN`` and the score is NaN for valid images (seen with
+    confident logits). Here the softmax is taken in float64 and terms with ``p = 0`` contribute their limit, 0; the
+    value is otherwise the same formula (splits, permutation by the global CPU RNG, mean and std over splits).
+    """
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        """``(mean, std)`` of ``exp(E_x KL(p(y|x) || p(y)))`` over the splits."""
+        from torchmetrics.utilities.data import dim_zero_cat
+
+        features = dim_zero_cat(self.features).double()
+        features = features[torch.randperm(features.shape[0])]
+        scores = []
+        for logits in features.chunk(self.splits, dim=0):
+            prob, log_prob = logits.softmax(dim=1), logits.log_softmax(dim=1)
+            log_mean = prob.mean(dim=0, keepdim=True).log()
+            terms = torch.where(prob > 0, prob * (log_prob - log_mean), torch.zeros_like(prob))
+            scores.append(terms.sum(dim=1).mean().exp())
+        score = torch.stack(scores)
+        return score.mean(), score.std()
+
+
 def seeded_inception_score(metric: InceptionScore, seed: int) -> tuple[float, float]:
     """torchmetrics' IS permutes with the global CPU RNG: fix it to ``seed`` for this call only."""
     with torch.random.fork_rng(devices=[]):
