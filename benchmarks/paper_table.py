@@ -207,15 +207,13 @@ def sample_file(out: Path, seed: int, row: str) -> tuple[Path, str]:
     return out / f"seed{seed}" / name / "test" / "samples.pt", "default" if row in GENERATORS else REFINE_ROW
 
 
-def _load_samples(out: Path, seeds: list[int], classifier, ref) -> dict[str, list] | None:
+def _load_samples(out: Path, seeds: list[int], classifier, ref) -> dict[str, list]:
     from lightning_ar.metrics.digits_paired import DigitsSamples
 
     samples: dict[str, list] = {}
     for row in ROWS:
         for seed in seeds:
             path, variant = sample_file(out, seed, row)
-            if not path.is_file():
-                return None
             saved = torch.load(path, map_location="cpu", weights_only=True)[variant]
             samples.setdefault(row, []).append(DigitsSamples.build(saved["latents"], saved["labels"], classifier, ref))
     return samples
@@ -233,11 +231,11 @@ def analyse(out: Path, seeds: list[int], reps: int = BOOTSTRAP_REPS) -> dict:
     from lightning_ar.metrics.digits_classifier import load_or_train_digits_classifier
     from lightning_ar.metrics.digits_paired import DigitsReference, DigitsSamples, compare, paired_seed_differences
 
+    if not all(sample_file(out, seed, row)[0].is_file() for seed in seeds for row in ROWS):
+        return {}
     classifier = load_or_train_digits_classifier()
     ref = DigitsReference.build(classifier)
     samples = _load_samples(out, seeds, classifier, ref)
-    if samples is None:
-        return {}
     val, val_labels = DigitsSource().split("val")
     floor = DigitsSamples.build(val, val_labels, classifier, ref)
     levels = {row: {m: [x.metric(m, ref) for x in samples[row]] for m in SAMPLE_METRICS} for row in ROWS}
