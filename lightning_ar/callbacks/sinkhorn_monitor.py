@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_ar.callbacks.theory_base import TheoryMonitor
 from lightning_ar.nn.trace import GenerationTrace
-from lightning_ar.theory.conditions import StepPool, condition_statistics, pool_steps, summary_numbers
+from lightning_ar.theory.conditions import StepPool, bootstrap_counts, condition_statistics, pool_steps, summary_numbers
 from lightning_ar.theory.dispersion import null_test
 from lightning_ar.theory.flow_claims import MIN_FLOW_STEPS, combine, flow_claims, not_measurable, path_divergences
 from lightning_ar.theory.measures import sinkhorn_curves
@@ -142,9 +142,7 @@ class SinkhornDivergenceMonitor(TheoryMonitor):
         if steps < MIN_FLOW_STEPS:
             return not_measurable(steps)
         num_images = sum(int(t.steps[0].positions.shape[0]) for t in traces)
-        gen = torch.Generator().manual_seed(self.seed)
-        counts = torch.stack([torch.bincount(torch.randint(0, num_images, (num_images,), generator=gen),
-                                             minlength=num_images) for _ in range(self.bootstrap)]).double()
+        counts = bootstrap_counts(num_images, self.bootstrap, self.seed)
         seq_len, per_step = pl_module.mar_generator.seq_len, {}
         for k, step in enumerate(stats["steps"]):
             if step["trivial"]:

@@ -140,6 +140,25 @@ def _step(pool: StepPool, ref: tuple[Tensor, Tensor, Tensor], seq_len: int, coun
     return stats, None if counts is None else torch.stack([v[1:] for v in values])
 
 
+def bootstrap_counts(num_images: int, reps: int, seed: int = 0) -> Tensor:
+    """``[R, num_images]`` multiplicities of ``reps`` bootstrap resamples of the images (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.bincount(torch.randint(0, num_images, (num_images,), generator=gen),
+                                       minlength=num_images) for _ in range(reps)]).double()
+
+
+def divergence_replicates(pool: StepPool, ref: tuple[Tensor, Tensor, Tensor], seq_len: int, counts: Tensor,
+                          which: str = "refined", blur_fraction: float = BLUR_FRACTION) -> np.ndarray:
+    """``[1 + R]`` divergence of ``pool``'s ``which`` conditions to ``ref`` (all images first, then one value per
+    bootstrap resample ``counts`` ``[R, images]``), at the measurement blur of the ideal conditions."""
+    ref_z, ref_labels, ref_positions = ref
+    ref_groups = ref_labels * seq_len + ref_positions
+    blur = measurement_blur(ref_z, ref_groups, blur_fraction)
+    clouds = group_clouds(getattr(pool, which), pool.labels * seq_len + pool.positions, ref_z, ref_groups)
+    weights = torch.cat([torch.ones(1, len(pool.raw)), counts[:, pool.clusters]])
+    return torch.cat([grouped_divergence(clouds, w, blur, SCALING) for w in weights.split(64)]).numpy()
+
+
 def _pooled_ratio(pools: list[StepPool], refs: list, seq_len: int, steps: list[int], which: str) -> dict:
     """Dispersion ratio pooled over ``steps`` (step-specific groups)."""
     if not steps:
@@ -171,9 +190,7 @@ def condition_statistics(pools: list[StepPool], refs: list[tuple[Tensor, Tensor,
         steps, and ``verdict`` (:func:`refinement_verdict`).
     """
     num_images = int(max(int(p.clusters.max()) for p in pools)) + 1
-    gen = torch.Generator().manual_seed(seed)
-    counts = torch.stack([torch.bincount(torch.randint(0, num_images, (num_images,), generator=gen),
-                                         minlength=num_images) for _ in range(reps)]).double() if refined else None
+    counts = bootstrap_counts(num_images, reps, seed) if refined else None
     results = [_step(pool, ref, seq_len, counts, blur_fraction) for pool, ref in zip(pools, refs, strict=True)]
     for k, (st, _) in enumerate(results):
         st.step = k
