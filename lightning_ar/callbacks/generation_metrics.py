@@ -33,7 +33,7 @@ class GenerationMetrics(Callback):
     Logged keys (``<stage>`` is ``val`` or ``test``; ``/<variant>`` is inserted after the stage unless the only
     variant is ``default``):
 
-    - ``<stage>/<metric>``: every key of the evaluator's ``compute()`` (digits: ``fid``, ``cond_acc``;
+    - ``<stage>/<metric>``: every key of the evaluator's ``compute()`` (digits: ``fid``, ``kid``, ``cond_acc``;
       gmm: ``nll``, ``cond_acc``, ``swd``);
     - ``<stage>/<metric>_floor``: the evaluator's real-vs-real reference;
     - ``<stage>/sec_per_image``: sampling wall time per generated image;
