@@ -312,11 +312,11 @@ def format_markdown(summary: dict[str, dict[str, float]], settings: dict, analys
                   "timings are not valid.", ""]
     if analysis:
         lines += [f"Paired comparisons: per seed (same seeds, same test labels) the difference a - b, its mean over "
-                  f"seeds and a 95% two-level bootstrap CI ({analysis['reps']} replicates: seeds, then samples with "
-                  "the same indices for a and b). \"a better than b\" **holds** only when the CI excludes zero on the "
-                  "better side (lower FID/KID, higher accuracy), reads **does not hold** when it excludes zero on the "
-                  "other side, and **not resolved** otherwise. copy fraction: share of samples closer to a training "
-                  "image than 95% of test images are (0.05 expected without copying); nn ratio: median "
+                  f"seeds and a 95% two-level basic bootstrap CI ({analysis['reps']} replicates: seeds, then samples "
+                  "with the same indices for a and b). \"a better than b\" **holds** only when the CI excludes zero "
+                  "on the better side (lower FID/KID, higher accuracy), reads **does not hold** when it excludes zero "
+                  "on the other side, and **not resolved** otherwise. copy fraction: share of samples closer to a "
+                  "training image than 95% of test images are (0.05 expected without copying); nn ratio: median "
                   "nearest-training-image distance over that of the test images.", "",
                   *_comparison_lines(analysis), ""]
     return "\n".join(lines)

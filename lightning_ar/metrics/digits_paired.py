@@ -23,7 +23,7 @@ from lightning_ar.data.sources import DigitsSource
 from lightning_ar.metrics.digits import feature_scale
 from lightning_ar.metrics.digits_classifier import DigitsClassifier
 from lightning_ar.metrics.memorisation import COPY_QUANTILE, nearest_distances
-from lightning_ar.theory.stats import DEFAULT_REPS, PairedComparison, percentile_ci, verdict
+from lightning_ar.theory.stats import DEFAULT_REPS, PairedComparison, basic_ci, verdict
 
 METRICS = ("fid", "kid", "cond_acc", "copy_fraction", "nn_ratio")
 LOWER_IS_BETTER = {"fid": True, "kid": True, "cond_acc": False}
@@ -174,5 +174,5 @@ def compare(a: Sequence[DigitsSamples], b: Sequence[DigitsSamples], name: str, r
     estimate = float(paired_seed_differences(a, b, name, ref).mean())
     # one seed: resample its samples only (the seed level has nothing to resample)
     draws = [rng.integers(0, n_seeds, n_seeds) if n_seeds > 1 else np.zeros(1, dtype=int) for _ in range(reps)]
-    low, high = percentile_ci([replicate(d) for d in draws])
+    low, high = basic_ci(estimate, [replicate(d) for d in draws])
     return PairedComparison(estimate, low, high, n_seeds, verdict(low, high, claim))

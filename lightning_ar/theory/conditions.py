@@ -27,7 +27,7 @@ from torch import Tensor
 from lightning_ar.nn.trace import GenerationTrace
 from lightning_ar.theory.dispersion import DispersionRatio, dispersion_ratio, pooled_dispersion, ratio_state
 from lightning_ar.theory.grouped_sinkhorn import group_clouds, grouped_divergence
-from lightning_ar.theory.stats import HOLDS, UNMEASURABLE, UNRESOLVED, PairedComparison, percentile_ci, verdict
+from lightning_ar.theory.stats import HOLDS, UNMEASURABLE, UNRESOLVED, PairedComparison, basic_ci, verdict
 
 BLUR_FRACTION = 0.25  # measurement blur / within-group spread of the ideal conditions (below the spread)
 SCALING = 0.5
@@ -202,7 +202,7 @@ def condition_statistics(pools: list[StepPool], refs: list[tuple[Tensor, Tensor,
         before = sum(results[k][0].divergence_before for k in steps)
         after = sum(results[k][0].divergence_after for k in steps)
         reps_diff = sum(results[k][1][1] - results[k][1][0] for k in steps).numpy()  # (R,)
-        low, high = percentile_ci(reps_diff)
+        low, high = basic_ci(after - before, reps_diff)
         out["reduction"] = PairedComparison(after - before, low, high, num_images,
                                             verdict(low, high, "negative")).to_dict()
         out["relative_reduction"] = 1.0 - after / before if before > 0 else math.nan

@@ -209,9 +209,10 @@ def decay_claim(per_sample: np.ndarray, reps: int = 1000, seed: int = 0) -> dict
 
     Returns:
         ``verdict``, ``fit`` (:meth:`DecayFit.to_dict` of the mean curve), ``change`` (``v_last - v_first``),
-        ``change_ci``, ``beta_ci`` (bootstrap) and ``num_samples``.
+        ``change_ci`` (basic bootstrap interval), ``beta_ci`` (percentile interval: ``beta`` is bounded) and
+        ``num_samples``.
     """
-    from lightning_ar.theory.stats import FAILS, HOLDS, UNMEASURABLE, UNRESOLVED, percentile_ci
+    from lightning_ar.theory.stats import FAILS, HOLDS, UNMEASURABLE, UNRESOLVED, basic_ci, percentile_ci
 
     v = np.asarray(per_sample, dtype=float)
     k, b = v.shape
@@ -222,7 +223,7 @@ def decay_claim(per_sample: np.ndarray, reps: int = 1000, seed: int = 0) -> dict
                 "beta_ci": [NAN, NAN], "num_samples": int(b)}
     rng = np.random.default_rng(seed)
     curves = [v[:, rng.integers(0, b, b)].mean(1) for _ in range(reps)]
-    change_ci = percentile_ci([c[-1] - c[0] for c in curves])
+    change_ci = basic_ci(float(v.mean(1)[-1] - v.mean(1)[0]), [c[-1] - c[0] for c in curves])
     beta_ci = percentile_ci([fit_exponential_decay(steps, c).beta for c in curves])
     if fit.holds and change_ci[1] < 0 and 0 < beta_ci[0] and beta_ci[1] < 1:
         state = HOLDS

@@ -27,7 +27,7 @@ from torch import Tensor
 from lightning_ar.theory.conditions import SCALING, measurement_blur
 from lightning_ar.theory.fits import fit_exponential_decay
 from lightning_ar.theory.grouped_sinkhorn import group_clouds, grouped_divergence
-from lightning_ar.theory.stats import FAILS, HOLDS, UNMEASURABLE, UNRESOLVED, percentile_ci
+from lightning_ar.theory.stats import FAILS, HOLDS, UNMEASURABLE, UNRESOLVED, basic_ci, percentile_ci
 
 MIN_FLOW_STEPS = 10
 
@@ -55,7 +55,7 @@ def path_divergences(path: list[Tensor], groups: Tensor, clusters: Tensor, ref: 
 
 def _monotone(values: np.ndarray) -> tuple[str, list[list[float]]]:
     diffs = np.diff(values, axis=0)  # (K, 1+R)
-    cis = [list(percentile_ci(d[1:])) for d in diffs]
+    cis = [list(basic_ci(float(d[0]), d[1:])) for d in diffs]
     if all(hi < 0 for _, hi in cis):
         return HOLDS, cis
     if any(lo > 0 for lo, _ in cis):
@@ -68,7 +68,7 @@ def _contraction(values: np.ndarray) -> tuple[str, dict, list[float]]:
     fit = fit_exponential_decay(steps, values[:, 0])
     betas = [fit_exponential_decay(steps, values[:, r]).beta for r in range(1, values.shape[1])]
     beta_ci = percentile_ci(betas)
-    total_ci = percentile_ci(values[-1, 1:] - values[0, 1:])
+    total_ci = basic_ci(float(values[-1, 0] - values[0, 0]), values[-1, 1:] - values[0, 1:])
     if fit.holds and 0 < beta_ci[0] and beta_ci[1] < 1:
         state = HOLDS
     elif total_ci[0] > 0 or beta_ci[0] >= 1:
