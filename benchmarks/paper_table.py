@@ -299,7 +299,8 @@ def format_markdown(summary: dict[str, dict[str, float]], settings: dict, analys
         "",
         f"Seeds: {settings['seeds']}; generator max_steps: {settings['max_steps'] or 'config default'}; "
         f"generator overlay: {settings.get('generator_overlay') or 'none'}; "
-        f"refine overlay: {settings['refine_overlay'] or 'none'}; code: {settings.get('commit', '?')}. "
+        f"refine overlay: {settings['refine_overlay'] or 'none'}; code: {settings.get('commit', '?')}"
+        + (f" (analysis: {settings['analysis_commit']})" if settings.get("analysis_commit") else "") + ". "
         "Mean ± std over seeds. digits-FID and KID in the features of the digits classifier, generated samples (one "
         "per test label) against the unseen test split; floor: the real val split (180 images) against the test "
         "split (180)" + (f"; {analysis['num_samples']} generated samples per variant and seed." if analysis else "."),
@@ -386,7 +387,10 @@ def render(path: Path, configs: Path, reps: int = BOOTSTRAP_REPS, no_timing: boo
     if no_timing:
         settings["timing_valid"] = False
     per_seed = {int(k): v for k, v in payload["per_seed"].items()}
-    analysis = analyse(path.parent, sorted(per_seed), reps) or payload.get("analysis") or {}
+    analysis = analyse(path.parent, sorted(per_seed), reps)
+    if analysis:
+        settings["analysis_commit"] = _commit()  # the run's code is settings["commit"]; the analysis may be newer
+    analysis = analysis or payload.get("analysis") or {}
     return write_table(per_seed, settings, path.parent, analysis)
 
 
