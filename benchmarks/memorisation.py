@@ -1,10 +1,10 @@
 """Do the paper table's digits generators copy their training images? Nearest-neighbour distances in pixel space.
 
-The digits-FID compares generated images with the *train* split, and its floor is the FID of unseen real digits
-(the test split) against the train split. A generator below the floor reproduces the training images more closely
-than new digits do, which is what memorisation looks like. This measures it directly: for each generated image the
-Euclidean distance (64 pixels in ``[-1, 1]``) to its nearest training image, compared with the same distance for
-the real test images.
+A generator that reproduces its training images more closely than new digits do is memorising. This measures it
+directly (``lightning_ar.metrics.memorisation``): for each generated image the Euclidean distance (64 pixels in
+``[-1, 1]``) to its nearest training image, compared with the same distance for the real test images.
+``benchmarks/paper_table.py`` computes the same figures on exactly the samples its test runs scored (all five rows,
+with paired CIs); this script re-samples the three generators from their checkpoints.
 
     python benchmarks/memorisation.py --table outputs/paper_table     # every seed's CDM, MAR and AR generators
 
@@ -27,29 +27,9 @@ from torch import Tensor
 from lightning_ar import CausalARGenerator, ConditionalDiffusion, MARGenerator
 from lightning_ar.data.sources import DigitsSource
 from lightning_ar.io import atomic_write_text
+from lightning_ar.metrics.memorisation import memorisation, nearest_distances  # noqa: F401  (re-exported)
 
 GENERATORS = {"CDM": ConditionalDiffusion, "MAR": MARGenerator, "AR": CausalARGenerator}
-
-
-def nearest_distances(images: Tensor, reference: Tensor) -> Tensor:
-    """Distance ``[N]`` from each image ``[N, ...]`` to its nearest image in ``reference`` ``[M, ...]`` (flattened)."""
-    return torch.cdist(images.flatten(1).double(), reference.flatten(1).double()).amin(1)
-
-
-def memorisation(generated: Tensor, train: Tensor, test: Tensor) -> dict[str, float]:
-    """``nn_ratio`` and ``copy_fraction`` of ``generated`` images against ``train``, with ``test`` as the yardstick.
-
-    Args:
-        generated: ``[N, 1, 8, 8]`` generated images (clamped to ``[-1, 1]`` here, as the evaluator does).
-        train: ``[M, 1, 8, 8]`` training images.
-        test: ``[T, 1, 8, 8]`` unseen real images.
-    """
-    d_gen = nearest_distances(generated.clamp(-1, 1), train)
-    d_test = nearest_distances(test, train)
-    threshold = torch.quantile(d_test, 0.05)
-    return {"nn_ratio": float(d_gen.median() / d_test.median()),
-            "copy_fraction": float((d_gen < threshold).double().mean()),
-            "median_nn_generated": float(d_gen.median()), "median_nn_test": float(d_test.median())}
 
 
 @torch.no_grad()

@@ -3,11 +3,17 @@
 Every variant goes through the ``lightning-ar`` CLI (one subprocess per stage) with the shipped configs, under the
 same budget: ``configs/digits/{cdm,mar,ar}.yaml`` are matched in parameters, optimizer, EMA, batch size and optimizer
 steps, and the two OT rows refine the MAR and AR checkpoints of the same seed with ``configs/digits/refine.yaml`` and
-``refine_ar.yaml`` (mode ``flow``). Each test run generates for the test split's labels (GenerationMetrics) and
-reports digits-FID, conditional accuracy and sampling seconds per image; the table gives mean +- std over seeds.
+``refine_ar.yaml`` (mode ``flow``). Each test run generates one sample per test-split label (GenerationMetrics, which
+saves the samples) and reports digits-FID and KID against the unseen test split, conditional accuracy and sampling
+seconds per image. From the saved samples the table adds the memorisation figures (nearest-training-image distances)
+and compares variants **paired**: per seed (same seeds, same labels) differences of each metric, averaged over seeds,
+with a two-level bootstrap CI (seeds, then samples with the same indices for both variants); an ordering "holds" only
+when the CI excludes zero (``lightning_ar.theory.stats``). Floors: the real val split against the test split, at the
+same count (180).
 
     python benchmarks/paper_table.py                          # 3 seeds, the configs' own budgets (> 1 h on 2 cores)
     python benchmarks/paper_table.py --seeds 1 --max-steps 50 --refine-overlay configs/debug_refine.yaml  # smoke
+    python benchmarks/paper_table.py --render outputs/paper_table/paper_table.json  # re-analyse / re-render
 
 Writes ``<out>/paper_table.json`` (per-seed rows, summary, settings) and ``<out>/paper_table.md``. The notebook
 ``notebooks/04_paper_table_small_scale.ipynb`` loads ``outputs/paper_table/paper_table.json`` when it exists.
@@ -27,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
 from lightning_ar.io import atomic_write_text
@@ -35,7 +42,18 @@ REPO = Path(__file__).resolve().parents[1]
 GENERATORS = {"CDM": "cdm.yaml", "MAR": "mar.yaml", "AR": "ar.yaml"}
 REFINED = {"MAR+OT": ("MAR", "refine.yaml"), "AR+OT": ("AR", "refine_ar.yaml")}
 ROWS = ("CDM", "MAR", "MAR+OT", "AR", "AR+OT")
-METRICS = ("fid", "cond_acc", "sec_per_image")
+METRICS = ("fid", "kid", "cond_acc", "sec_per_image")
+SAMPLE_METRICS = ("fid", "kid", "cond_acc", "copy_fraction", "nn_ratio")  # recomputed from the saved samples
+# (a, b, what the paper reports): "a is better than b", judged on digits-FID (KID beside it); pre-registered
+CLAIMS = (
+    ("MAR", "CDM", "CDM is worse than MAR (paper: 3.26 vs MAR 1.55-2.31)"),
+    ("AR", "CDM", "CDM is worse than AR (paper: 3.26 vs 2.02)"),
+    ("MAR+OT", "MAR", "OT refinement improves MAR (paper: 1.55 -> 1.31 for MAR-H)"),
+    ("AR+OT", "AR", "OT refinement improves AR (paper: 2.02 -> 1.52)"),
+)
+CLAIM_SIGN = {"fid": "negative", "kid": "negative", "cond_acc": "positive", "copy_fraction": "positive",
+              "nn_ratio": "negative"}  # the side each difference a - b takes if a is better / copies more
+BOOTSTRAP_REPS = 1000
 REFINE_ROW = "flow"  # the refinement test's variant reported as "+OT"
 DEFAULT_OUT = "outputs/paper_table"
 _SLOTS = threading.BoundedSemaphore(1)  # CLI runs at once over all seeds (``--jobs``), set by main()
@@ -168,47 +186,151 @@ def row_samplers(configs: Path) -> dict[str, str]:
 
 
 def summarise(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """``row -> {metric_mean, metric_std, ...}`` over seeds (std with ``ddof=1``; 0 for one seed)."""
+    """``row -> {metric_mean, metric_std, ...}`` over seeds from the test runs' results (std with ``ddof=1``; 0 for
+    one seed; NaN for a metric a run did not report)."""
     summary = {}
     for row in ROWS:
-        values = {m: np.array([per_seed[s][row][m] for s in per_seed]) for m in METRICS}
+        values = {m: np.array([per_seed[s][row].get(m, np.nan) for s in per_seed], dtype=float) for m in METRICS}
         summary[row] = {"num_seeds": len(per_seed)}
         for metric, v in values.items():
             summary[row][f"{metric}_mean"] = float(v.mean())
             summary[row][f"{metric}_std"] = float(v.std(ddof=1)) if v.size > 1 else 0.0
-        floor = [per_seed[s][row].get("fid_floor") for s in per_seed]
-        summary[row]["fid_floor"] = float(np.mean(floor)) if None not in floor else float("nan")
+        for floor_key in ("fid_floor", "kid_floor"):
+            floor = [per_seed[s][row].get(floor_key) for s in per_seed]
+            summary[row][floor_key] = float(np.mean(floor)) if None not in floor else float("nan")
     return summary
 
 
-def format_markdown(summary: dict[str, dict[str, float]], settings: dict) -> str:
-    """The table: one row per variant, ``mean ± std`` over seeds."""
+def sample_file(out: Path, seed: int, row: str) -> tuple[Path, str]:
+    """Where a row's test run saved its samples, and the variant key inside the file."""
+    name = row.lower().replace("+", "_")
+    return out / f"seed{seed}" / name / "test" / "samples.pt", "default" if row in GENERATORS else REFINE_ROW
+
+
+def _load_samples(out: Path, seeds: list[int], classifier, ref) -> dict[str, list]:
+    from lightning_ar.metrics.digits_paired import DigitsSamples
+
+    samples: dict[str, list] = {}
+    for row in ROWS:
+        for seed in seeds:
+            path, variant = sample_file(out, seed, row)
+            saved = torch.load(path, map_location="cpu", weights_only=True)[variant]
+            samples.setdefault(row, []).append(DigitsSamples.build(saved["latents"], saved["labels"], classifier, ref))
+    return samples
+
+
+def analyse(out: Path, seeds: list[int], reps: int = BOOTSTRAP_REPS) -> dict:
+    """Levels, floors and paired comparisons recomputed from the saved test samples (``{}`` if any is missing).
+
+    Returns:
+        ``levels`` (row -> metric -> per-seed values), ``floors`` (metric -> value of the real val split against the
+        test split), ``comparisons`` (one per :data:`CLAIMS` entry: metric -> per-seed differences, the mean, its
+        two-level bootstrap CI and the verdict of "a is better than b"), ``num_samples`` and ``reps``.
+    """
+    from lightning_ar.data.sources import DigitsSource
+    from lightning_ar.metrics.digits_classifier import load_or_train_digits_classifier
+    from lightning_ar.metrics.digits_paired import DigitsReference, DigitsSamples, compare, paired_seed_differences
+
+    if not all(sample_file(out, seed, row)[0].is_file() for seed in seeds for row in ROWS):
+        return {}
+    classifier = load_or_train_digits_classifier()
+    ref = DigitsReference.build(classifier)
+    samples = _load_samples(out, seeds, classifier, ref)
+    val, val_labels = DigitsSource().split("val")
+    floor = DigitsSamples.build(val, val_labels, classifier, ref)
+    levels = {row: {m: [x.metric(m, ref) for x in samples[row]] for m in SAMPLE_METRICS} for row in ROWS}
+    comparisons = []
+    for a, b, text in CLAIMS:
+        per_metric = {}
+        for m in SAMPLE_METRICS:
+            result = compare(samples[a], samples[b], m, ref, CLAIM_SIGN[m], reps).to_dict()
+            result["per_seed"] = paired_seed_differences(samples[a], samples[b], m, ref).tolist()
+            per_metric[m] = result
+        comparisons.append({"a": a, "b": b, "claim": text, "metrics": per_metric})
+    return {"levels": levels, "floors": {m: floor.metric(m, ref) for m in SAMPLE_METRICS},
+            "comparisons": comparisons, "num_samples": int(samples["MAR"][0].labels.size), "reps": reps}
+
+
+def _cell(values: list[float]) -> str:
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.4g} ± {v.std(ddof=1) if v.size > 1 else 0.0:.2g}"
+
+
+def _levels_table(summary: dict, settings: dict, analysis: dict) -> list[str]:
+    timing = settings.get("timing_valid", True)
+    samplers = settings.get("samplers") or {}
+    names = ["digits-FID (test)", "KID (test)", "cond. accuracy", "copy fraction", "nn ratio"]
+    head = "| variant | " + " | ".join(names) + (" | sec / image" if timing else "") + " | sampler |"
+    lines = [head, "|---" * (len(names) + 2 + timing) + "|"]
+    for row in ROWS:
+        if analysis:
+            cells = [_cell(analysis["levels"][row][m]) for m in SAMPLE_METRICS]
+        else:  # no saved samples: the test runs' own figures
+            cells = [f"{summary[row][f'{m}_mean']:.4g} ± {summary[row][f'{m}_std']:.2g}" for m in METRICS[:3]]
+            cells += ["-", "-"]
+        if timing:
+            cells.append(f"{summary[row]['sec_per_image_mean']:.4g} ± {summary[row]['sec_per_image_std']:.2g}")
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {samplers.get(row, '?')} |")
+    if analysis:
+        floors = [f"{analysis['floors'][m]:.4g}" for m in SAMPLE_METRICS]
+        lines.append("| real val split (floor) | " + " | ".join(floors) + (" | -" if timing else "") + " | - |")
+    return lines
+
+
+def _comparison_lines(analysis: dict) -> list[str]:
+    lines = ["| comparison (a - b) | metric | per-seed differences | mean | 95% CI | a better than b? |",
+             "|---|---|---|---|---|---|"]
+    for comp in analysis["comparisons"]:
+        for m in ("fid", "kid", "cond_acc", "copy_fraction"):
+            r = comp["metrics"][m]
+            per_seed = ", ".join(f"{v:+.3g}" for v in r["per_seed"])
+            answer = r["verdict"] if m in ("fid", "kid", "cond_acc") else {
+                "holds": "a copies more", "does not hold": "a copies less"}.get(r["verdict"], r["verdict"])
+            lines.append(f"| {comp['a']} - {comp['b']} | {m} | {per_seed} | {r['estimate']:+.3g} | "
+                         f"[{r['low']:+.3g}, {r['high']:+.3g}] | {answer} |")
+    return lines
+
+
+def format_markdown(summary: dict[str, dict[str, float]], settings: dict, analysis: dict | None = None) -> str:
+    """The table (mean ± std over seeds per variant, the floors) and, with an ``analysis``, the paired comparisons."""
+    analysis = analysis or {}
     lines = [
         "# Paper table at small scale (digits)",
         "",
         f"Seeds: {settings['seeds']}; generator max_steps: {settings['max_steps'] or 'config default'}; "
         f"generator overlay: {settings.get('generator_overlay') or 'none'}; "
-        f"refine overlay: {settings['refine_overlay'] or 'none'}. Mean ± std over seeds. "
-        f"digits-FID real-vs-real floor: {summary['MAR']['fid_floor']:.3g}.",
+        f"refine overlay: {settings['refine_overlay'] or 'none'}; code: {settings.get('commit', '?')}"
+        + (f" (analysis: {settings['analysis_commit']})" if settings.get("analysis_commit") else "") + ". "
+        "Mean ± std over seeds. digits-FID and KID in the features of the digits classifier, generated samples (one "
+        "per test label) against the unseen test split; floor: the real val split (180 images) against the test "
+        "split (180)" + (f"; {analysis['num_samples']} generated samples per variant and seed." if analysis else "."),
         "",
-        "| variant | digits-FID | cond. accuracy | sec / image | sampler |",
-        "|---|---|---|---|---|",
+        *_levels_table(summary, settings, analysis),
+        "",
     ]
-    samplers = settings.get("samplers") or {}
-    for row in ROWS:
-        s = summary[row]
-        cells = [f"{s[f'{m}_mean']:.4g} ± {s[f'{m}_std']:.2g}" for m in METRICS]
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {samplers.get(row, '?')} |")
-    return "\n".join(lines) + "\n"
+    if not settings.get("timing_valid", True):
+        lines += ["Seconds per image are not reported for this run: it shared the CPUs with other jobs, so its "
+                  "timings are not valid.", ""]
+    if analysis:
+        lines += [f"Paired comparisons: per seed (same seeds, same test labels) the difference a - b, its mean over "
+                  f"seeds and a 95% two-level basic bootstrap CI ({analysis['reps']} replicates: seeds, then samples "
+                  "with the same indices for a and b). \"a better than b\" **holds** only when the CI excludes zero "
+                  "on the better side (lower FID/KID, higher accuracy), reads **does not hold** when it excludes zero "
+                  "on the other side, and **not resolved** otherwise. copy fraction: share of samples closer to a "
+                  "training image than 95% of test images are (0.05 expected without copying); nn ratio: median "
+                  "nearest-training-image distance over that of the test images.", "",
+                  *_comparison_lines(analysis), ""]
+    return "\n".join(lines)
 
 
-def write_table(per_seed: dict, settings: dict, out: Path) -> tuple[Path, Path]:
+def write_table(per_seed: dict, settings: dict, out: Path, analysis: dict | None = None) -> tuple[Path, Path]:
     """Write ``paper_table.json`` and ``paper_table.md`` atomically; return their paths."""
     summary = summarise(per_seed)
-    payload = {"settings": settings, "summary": summary, "per_seed": {str(k): v for k, v in per_seed.items()}}
+    payload = {"settings": settings, "summary": summary, "per_seed": {str(k): v for k, v in per_seed.items()},
+               "analysis": analysis or {}}
     js, md = out / "paper_table.json", out / "paper_table.md"
     atomic_write_text(js, json.dumps(payload, indent=2) + "\n")
-    atomic_write_text(md, format_markdown(summary, settings))
+    atomic_write_text(md, format_markdown(summary, settings, analysis))
     return js, md
 
 
@@ -226,7 +348,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--configs", default=str(REPO / "configs" / "digits"), help="folder of the digits configs")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--render", default=None, metavar="JSON",
-                        help="only rewrite the markdown (and JSON summary) of an existing paper_table.json")
+                        help="only re-analyse (from the saved samples beside it, when present) and rewrite the "
+                             "markdown and JSON of an existing paper_table.json")
+    parser.add_argument("--no-timing", action="store_true",
+                        help="leave seconds per image out of the table (timings of a run that shared the CPUs with "
+                             "other jobs are not valid)")
+    parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_REPS,
+                        help=f"bootstrap replicates of the paired comparisons (default {BOOTSTRAP_REPS})")
     parser.add_argument("--jobs", type=int, default=1,
                         help="CLI runs at once, over all seeds (one thread each); default 1. On a CPU use at most "
                              "the core count, so that the seconds per image stay comparable")
@@ -235,6 +363,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--seeds must be >= 1, got {opts.seeds}")
     if opts.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {opts.jobs}")
+    if opts.bootstrap < 10:
+        parser.error(f"--bootstrap must be >= 10, got {opts.bootstrap}")
     if opts.max_steps is not None and opts.max_steps < 1:
         parser.error(f"--max-steps must be >= 1, got {opts.max_steps}")
     for name in [*GENERATORS.values(), *(c for _, c in REFINED.values())]:
@@ -249,12 +379,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return opts
 
 
-def render(path: Path, configs: Path) -> tuple[Path, Path]:
-    """Rewrite the table files of an existing ``paper_table.json`` (e.g. after a format change)."""
+def render(path: Path, configs: Path, reps: int = BOOTSTRAP_REPS, no_timing: bool = False) -> tuple[Path, Path]:
+    """Rewrite the table files of an existing ``paper_table.json`` (e.g. after a format change): re-analysed from
+    the saved samples under its folder when they are there, else with the analysis stored in the JSON."""
     payload = json.loads(path.read_text())
     settings = {"samplers": row_samplers(configs), **payload["settings"]}
+    if no_timing:
+        settings["timing_valid"] = False
     per_seed = {int(k): v for k, v in payload["per_seed"].items()}
-    return write_table(per_seed, settings, path.parent)
+    analysis = analyse(path.parent, sorted(per_seed), reps)
+    if analysis:
+        settings["analysis_commit"] = _commit()  # the run's code is settings["commit"]; the analysis may be newer
+    analysis = analysis or payload.get("analysis") or {}
+    return write_table(per_seed, settings, path.parent, analysis)
 
 
 def _commit() -> str:
@@ -267,13 +404,13 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the comparison; return the written JSON payload."""
     opts = parse_args(argv)
     if opts.render:
-        js, md = render(Path(opts.render), Path(opts.configs))
+        js, md = render(Path(opts.render), Path(opts.configs), opts.bootstrap, opts.no_timing)
         print(md.read_text())
         return json.loads(js.read_text())
     settings = {"seeds": opts.seeds, "max_steps": opts.max_steps, "generator_overlay": opts.generator_overlay,
                 "refine_overlay": opts.refine_overlay,
                 "limit_test_batches": opts.limit_test_batches, "refine_row": REFINE_ROW, "jobs": opts.jobs,
-                "commit": _commit(), "samplers": row_samplers(Path(opts.configs))}
+                "commit": _commit(), "samplers": row_samplers(Path(opts.configs)), "timing_valid": not opts.no_timing}
     start = time.perf_counter()
     global _SLOTS
     _SLOTS = threading.BoundedSemaphore(opts.jobs)
@@ -289,7 +426,8 @@ def main(argv: list[str] | None = None) -> dict:
     seed_jobs = opts.seeds if opts.jobs > 1 else 1  # seeds side by side; _SLOTS bounds the CLI runs at once
     per_seed = dict(enumerate(_parallel([seed_task(s) for s in range(opts.seeds)], seed_jobs)))
     settings["seconds"] = time.perf_counter() - start
-    js, md = write_table(per_seed, settings, Path(opts.out))
+    analysis = analyse(Path(opts.out), sorted(per_seed), opts.bootstrap)
+    js, md = write_table(per_seed, settings, Path(opts.out), analysis)
     print(md.read_text())
     print(f"written {js} and {md}")
     return json.loads(js.read_text())

@@ -10,8 +10,11 @@
 - :func:`build_refinement`: an :class:`~lightning_ar.OTRefinement` around that checkpoint whose ideal-condition
   banks are filled by teacher forcing (``fill_bank``) on the digits' train split (the flow's bank) and val split
   (the held-out bank, used only to measure).
-- :func:`ideal_floor`: the divergence that error-free (teacher-forced real) conditions of the same count reach: the
-  floor below which a generated batch's divergence says nothing about condition error.
+- :func:`generate_pools`: generate seeded batches with a trace and pool each AR step's conditions
+  (:func:`lightning_ar.theory.conditions.pool_steps`), and :func:`real_context_pools`: the same pools for error-free
+  conditions (teacher-forced real digits of an unused split, as many images): the control that the condition
+  statistics must read as "no error" (dispersion ratio ~1; its divergence is the finite-sample floor).
+- :func:`heldout_references`: the held-out ideal conditions of every AR step, the reference of those statistics.
 - :func:`show`, :func:`digits_grid`: figure output.
 
 This is glue for the notebooks, not part of the package.
@@ -30,6 +33,7 @@ import torch
 
 FAST_ENV = "LIGHTNING_AR_NOTEBOOK_FAST"
 OUT_ENV = "LIGHTNING_AR_NOTEBOOK_OUT"
+GENERATOR_ENV = "LIGHTNING_AR_NOTEBOOK_GENERATOR"  # use this MARGenerator checkpoint instead of training one
 MAR_CONFIG = "configs/digits/mar.yaml"
 REFINE_CONFIG = "configs/digits/refine.yaml"
 
@@ -116,6 +120,11 @@ def train_or_load_digits(
     """
     from lightning_ar import MARGenerator
 
+    given = os.environ.get(GENERATOR_ENV, "").strip()
+    if given and not is_fast():
+        start = time.perf_counter()
+        model = MARGenerator.load_from_checkpoint(given, map_location="cpu").eval()
+        return model, Path(given), {"trained": False, "seconds": time.perf_counter() - start}
     config, out_dir = Path(config).resolve(), Path(out_dir)
     extra = list(extra or [])
     ckpt = out_dir / f"digits_mar_{budget_steps}steps_{_cache_key(config, budget_steps, extra)}.ckpt"
@@ -222,39 +231,64 @@ def build_refinement(
     return ref, info
 
 
-@torch.no_grad()
-def ideal_floor(ref, per_class: int, seed: int = 0, split: str = "test") -> np.ndarray:
-    """``[K]`` divergence to the held-out bank of conditions that carry *no* generation error.
+def heldout_references(ref) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per AR step the held-out ideal conditions ``(z [M, D], labels [M], positions [M])`` of the refinement."""
+    return [ref.heldout.get(k) for k in range(len(ref.schedule))]
 
-    ``per_class`` real digits of each class of ``split`` (not used by either bank) are teacher-forced at every AR
-    step (a fresh random order, as in sampling), giving exactly as many conditions per step as a generated batch of
-    ``arange(10).repeat_interleave(per_class)``; their class/position-aware divergence to the held-out ideal
-    conditions, measured like ``divergence_before``, is the floor that finite samples of *ideal* conditions reach.
-    A generated batch's divergence is evidence of condition error only above this floor.
+
+@torch.no_grad()
+def generate_pools(ref, labels: torch.Tensor, seeds: list[int], mode: str, **kwargs):
+    """Generate one batch per seed with refinement ``mode`` and a trace; pool each AR step's conditions.
+
+    Returns:
+        ``(pools, latents, traces)``: :class:`~lightning_ar.theory.conditions.StepPool` per AR step (images of all
+        seeds, in seed order), the ``[B, 1, 8, 8]`` latents per seed and the traces.
+    """
+    from lightning_ar import GenerationTrace
+    from lightning_ar.theory.conditions import pool_steps
+
+    traces, latents = [], []
+    for seed in seeds:
+        traces.append(GenerationTrace())
+        latents.append(ref.generate(labels, refine=mode, generator=torch.Generator().manual_seed(seed),
+                                    trace=traces[-1], **kwargs))
+    return pool_steps(traces), latents, traces
+
+
+@torch.no_grad()
+def real_context_pools(ref, per_class: int, repeats: int, seed: int = 0, split: str = "test"):
+    """Pools of conditions that carry *no* generation error: teacher forcing on real digits of ``split``.
+
+    ``per_class`` real digits of each class of ``split`` (used by neither bank) are teacher-forced at every AR step,
+    ``repeats`` times with fresh random orders (as sampling draws orders), so the pool has as many images as
+    ``repeats`` generated batches of ``arange(10).repeat_interleave(per_class)``.
+
+    Returns:
+        :class:`~lightning_ar.theory.conditions.StepPool` per AR step (``raw == refined``; ``clusters``: the image
+        draw).
     """
     from lightning_ar.nn.mar import patchify
-    from lightning_ar.nn.refiners import labelled_divergence
     from lightning_ar.nn.teacher_forcing import teacher_forced_conditions
+    from lightning_ar.theory.conditions import StepPool
 
     gen = ref.mar_generator
     latents, labels = digits_split(split, float(gen.hparams.latent_scale))
     g = torch.Generator().manual_seed(seed)
-    classes = int(gen.hparams.num_classes)
-    idx = torch.cat(
-        [
-            torch.nonzero(labels == c).squeeze(1)[torch.randperm(int((labels == c).sum()), generator=g)][:per_class]
-            for c in range(classes)
-        ]
-    )
-    tokens = patchify(latents[idx], int(gen.hparams.patch_size))
-    out = []
-    for k in range(len(ref.schedule)):
-        sc = teacher_forced_conditions(gen.mar, tokens, labels[idx], ref.schedule, k, g)
-        heldout = ref.heldout.get(k)
-        out.append(
-            float(labelled_divergence(sc.conditions, sc.labels, sc.positions, *heldout, classes, gen.seq_len, ref.flow))
-        )
-    return np.array(out)
+    parts = [[] for _ in ref.schedule]
+    for r in range(repeats):
+        idx = torch.cat([torch.nonzero(labels == c).squeeze(1)[torch.randperm(int((labels == c).sum()), generator=g)]
+                         [:per_class] for c in range(int(gen.hparams.num_classes))])
+        tokens = patchify(latents[idx], int(gen.hparams.patch_size))
+        for k in range(len(ref.schedule)):
+            sc = teacher_forced_conditions(gen.mar, tokens, labels[idx], ref.schedule, k, g)
+            n = len(sc.conditions) // len(idx)
+            images = r * len(idx) + torch.arange(len(idx)).repeat_interleave(n)
+            parts[k].append((sc.conditions, sc.labels, sc.positions, images))
+    pools = []
+    for chunks in parts:
+        z, lab, pos, img = (torch.cat([c[i] for c in chunks]) for i in range(4))
+        pools.append(StepPool(z, z, lab, pos, img))
+    return pools
 
 
 def digits_grid(latents: torch.Tensor, nrow: int) -> np.ndarray:

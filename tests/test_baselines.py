@@ -230,8 +230,8 @@ def _paper_table():
 
 def test_paper_table_summary_and_options(tmp_path: Path) -> None:
     pt = _paper_table()
-    rows = lambda fid: {r: {"fid": fid + i, "cond_acc": 0.5, "sec_per_image": 0.1, "fid_floor": 5.0}  # noqa: E731
-                        for i, r in enumerate(pt.ROWS)}
+    rows = lambda fid: {r: {"fid": fid + i, "kid": 0.1, "cond_acc": 0.5, "sec_per_image": 0.1,  # noqa: E731
+                            "fid_floor": 5.0} for i, r in enumerate(pt.ROWS)}
     js, md = pt.write_table({0: rows(10.0), 1: rows(12.0)}, {"seeds": 2, "max_steps": 50, "refine_overlay": None},
                             tmp_path)
     summary = json.loads(js.read_text())["summary"]
@@ -241,9 +241,41 @@ def test_paper_table_summary_and_options(tmp_path: Path) -> None:
     pt.main(["--render", str(js)])  # re-render with the samplers read from the shipped configs
     text = md.read_text()
     assert "| MAR+OT | 13 ± 1.4 |" in text and text.count("| ddpm-10 |") == 3 and text.count("| ddpm-100 |") == 2
-    for bad in (["--seeds", "0"], ["--max-steps", "0"], ["--configs", str(tmp_path)]):
+    for bad in (["--seeds", "0"], ["--max-steps", "0"], ["--configs", str(tmp_path)], ["--bootstrap", "1"]):
         with pytest.raises(SystemExit):
             pt.parse_args(bad)
+    pt.main(["--render", str(js), "--no-timing"])
+    assert "sec / image" not in md.read_text() and "not valid" in md.read_text()
+
+
+def test_paper_table_compares_paired_from_the_saved_samples(tmp_path: Path) -> None:
+    """Rows with known relations: identical rows differ by exactly 0, noise loses to real digits, copies copy."""
+    from lightning_ar.data.sources import DigitsSource
+
+    pt = _paper_table()
+    source = DigitsSource()
+    val, _ = source.split("val")
+    train, _ = source.split("train")
+    _, labels = source.split("test")
+    noise = torch.rand(180, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    images = {"CDM": noise, "MAR": val, "MAR+OT": val, "AR": train[:180], "AR+OT": train[180:360]}
+    for seed in (0, 1):
+        for row, x in images.items():
+            path, variant = pt.sample_file(tmp_path, seed, row)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({variant: {"latents": x, "labels": labels}}, path)
+    analysis = pt.analyse(tmp_path, [0, 1], reps=30)
+    comp = {(c["a"], c["b"]): c["metrics"] for c in analysis["comparisons"]}
+    assert comp["MAR", "CDM"]["fid"]["verdict"] == "holds" and comp["MAR", "CDM"]["fid"]["high"] < 0
+    same = comp["MAR+OT", "MAR"]["fid"]
+    assert same["per_seed"] == [0.0, 0.0] and same["verdict"] == "not resolved"
+    assert analysis["levels"]["AR"]["copy_fraction"] == [1.0, 1.0] and analysis["floors"]["nn_ratio"] > 0.5
+    assert comp["AR", "CDM"]["copy_fraction"]["verdict"] == "holds"  # AR copies more
+    rows = {r: {"fid": 1.0, "kid": 0.0, "cond_acc": 1.0, "sec_per_image": 0.1} for r in pt.ROWS}
+    _, md = pt.write_table({0: rows, 1: rows}, {"seeds": 2, "max_steps": None, "refine_overlay": None}, tmp_path,
+                           analysis)
+    text = md.read_text()
+    assert "| MAR+OT - MAR | fid | +0, +0 | +0 |" in text and "| real val split (floor) |" in text
 
 
 def test_paper_table_skips_finished_runs_and_marks_only_successes(tmp_path: Path) -> None:

@@ -157,12 +157,21 @@ def test_ema_weights_are_used_after_fit(tmp_path) -> None:
 
 def test_plain_trainer_project_fit_and_test(tmp_path) -> None:
     """`from lightning_ar import MARGenerator, LatentDataModule` in another project, with its own Trainer."""
-    metrics = GenerationMetrics(results_dir=str(tmp_path / "results"))
+    metrics = GenerationMetrics(results_dir=str(tmp_path / "results"), save_samples=True)
     trainer, model, dm = _fit(tmp_path, callbacks=[metrics])
     out = trainer.test(model, dm, verbose=False)[0]
-    assert {"test/loss", "test/fid", "test/cond_acc", "test/fid_floor", "test/sec_per_image"} <= set(out)
+    keys = {"test/loss", "test/fid", "test/kid", "test/cond_acc", "test/fid_floor", "test/kid_floor",
+            "test/sec_per_image"}
+    assert keys <= set(out)
     assert 0.0 <= out["test/cond_acc"] <= 1.0 and out["test/fid"] > out["test/fid_floor"]
+    assert out["test/kid"] > out["test/kid_floor"]
     assert (tmp_path / "results" / "results.md").read_text().count("| default |") == 1
+    saved = torch.load(tmp_path / "results" / "samples.pt")["default"]  # exactly the scored samples, in order
+    _, test_labels = dm.source.split("test")
+    assert saved["latents"].shape == (len(test_labels), 1, 8, 8) and torch.equal(saved["labels"], test_labels)
+    metrics._evaluators["default"].reset()
+    metrics._evaluators["default"].update(saved["latents"], saved["labels"])
+    assert metrics._evaluators["default"].compute()["fid"] == pytest.approx(out["test/fid"], rel=1e-5)
 
 
 def test_diffusion_loss_decreases_when_overfitting_a_batch() -> None:

@@ -165,26 +165,40 @@ def _digits_scores(evaluator: DigitsEvaluator, images: torch.Tensor, labels: tor
 
 def test_digits_reference(digits_eval: DigitsEvaluator) -> None:
     ref = digits_eval.reference()
-    assert set(ref) == {"fid_floor", "cond_acc_floor"}
+    assert set(ref) == {"fid_floor", "kid_floor", "cond_acc_floor"}
     assert ref["cond_acc_floor"] >= 0.97
-    assert 0.0 < ref["fid_floor"] < 50.0
+    assert 0.0 < ref["fid_floor"] < 50.0 and abs(ref["kid_floor"]) < 0.1
 
 
 def test_digits_real_images_score_like_the_floor(digits_eval: DigitsEvaluator, digits: DigitsSource) -> None:
+    """The reference is the test split: the test split itself scores ~0, the val split exactly the floors."""
     ref = digits_eval.reference()
     test = _digits_scores(digits_eval, *digits.split("test"))
     assert test["cond_acc"] >= 0.97
-    assert test["fid"] == pytest.approx(ref["fid_floor"], rel=1e-4)
-    val = _digits_scores(digits_eval, *digits.split("val"))  # other real images of the same count
+    assert test["fid"] == pytest.approx(0.0, abs=1e-3) and test["kid"] < ref["kid_floor"] + 1e-6
+    val = _digits_scores(digits_eval, *digits.split("val"))  # other unseen real images of the same count
     assert val["cond_acc"] >= 0.95
-    assert val["fid"] < 2.0 * ref["fid_floor"]
+    assert val["fid"] == pytest.approx(ref["fid_floor"], rel=1e-4)
+    assert val["kid"] == pytest.approx(ref["kid_floor"], rel=1e-4, abs=1e-7)
+
+
+def test_digits_kid_is_deterministic_and_keeps_the_global_rng(digits_eval: DigitsEvaluator,
+                                                             digits: DigitsSource) -> None:
+    """Fewer generated images than real ones: KID uses a seeded subset of the real features, not the global RNG."""
+    images, labels = digits.split("val")
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = _digits_scores(digits_eval, images[:50], labels[:50])
+    assert torch.equal(torch.get_rng_state(), state)
+    assert _digits_scores(digits_eval, images[:50], labels[:50]) == first
 
 
 def test_digits_noise_scores_badly(digits_eval: DigitsEvaluator, digits: DigitsSource) -> None:
     _, labels = digits.split("test")
     noise = torch.rand(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     scores = _digits_scores(digits_eval, noise, labels)
-    assert scores["fid"] > 20 * digits_eval.reference()["fid_floor"]
+    ref = digits_eval.reference()
+    assert scores["fid"] > 20 * ref["fid_floor"] and scores["kid"] > 20 * max(ref["kid_floor"], 1e-3)
     assert scores["cond_acc"] < 0.4
     images, labels = digits.split("test")
     assert _digits_scores(digits_eval, images, (labels + 1) % 10)["cond_acc"] < 0.05  # wrong conditioning labels

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_ar.callbacks.results import format_table, write_results
+from lightning_ar.io import atomic_output
 from lightning_ar.metrics.base import SampleEvaluator
 
 DEFAULT_VARIANT = "default"
@@ -32,7 +33,7 @@ class GenerationMetrics(Callback):
     Logged keys (``<stage>`` is ``val`` or ``test``; ``/<variant>`` is inserted after the stage unless the only
     variant is ``default``):
 
-    - ``<stage>/<metric>``: every key of the evaluator's ``compute()`` (digits: ``fid``, ``cond_acc``;
+    - ``<stage>/<metric>``: every key of the evaluator's ``compute()`` (digits: ``fid``, ``kid``, ``cond_acc``;
       gmm: ``nll``, ``cond_acc``, ``swd``);
     - ``<stage>/<metric>_floor``: the evaluator's real-vs-real reference;
     - ``<stage>/sec_per_image``: sampling wall time per generated image;
@@ -45,7 +46,10 @@ class GenerationMetrics(Callback):
     at epochs where it is computed (``every_n_epochs``).
 
     At the end of ``test`` the table (one row per variant, with the floors) is written to
-    ``<results_dir>/results.md`` and ``results.json`` and printed.
+    ``<results_dir>/results.md`` and ``results.json`` and printed. With ``save_samples`` the generated test samples
+    are written too, ``<results_dir>/samples.pt`` (``torch.load``: variant -> ``{"latents": [N, C, H, W] float32,
+    "labels": [N]}`` on CPU, in generation order; ``samples_rank<r>.pt`` per process with several processes), so
+    that paired comparisons can be made on exactly the scored samples (``benchmarks/paper_table.py``).
 
     Args:
         variants: Name -> keyword arguments of ``generate`` (e.g. ``{"ddpm": {"sampler": "ddpm"}}``).
@@ -55,6 +59,7 @@ class GenerationMetrics(Callback):
         seed: Base seed of generation.
         results_dir: Where ``test`` writes its table (default: the trainer's log dir).
         max_batches: Generate for at most this many batches per evaluation (``None`` = all).
+        save_samples: Write the generated test samples and their labels (``samples.pt``) beside the table.
     """
 
     def __init__(
@@ -65,11 +70,13 @@ class GenerationMetrics(Callback):
         seed: int = 0,
         results_dir: str | None = None,
         max_batches: int | None = None,
+        save_samples: bool = False,
     ) -> None:
         super().__init__()
         self.variants = dict(variants) if variants else {DEFAULT_VARIANT: {}}
         self.on_validation, self.every_n_epochs, self.seed = on_validation, every_n_epochs, seed
-        self.results_dir, self.max_batches = results_dir, max_batches
+        self.results_dir, self.max_batches, self.save_samples = results_dir, max_batches, save_samples
+        self._samples: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._evaluators: dict[str, SampleEvaluator] = {}
         self._seconds: dict[str, float] = {}
         self._counts: dict[str, int] = {}
@@ -100,6 +107,7 @@ class GenerationMetrics(Callback):
         self._seconds = dict.fromkeys(self.variants, 0.0)
         self._counts = dict.fromkeys(self.variants, 0)
         self._refine_seconds = dict.fromkeys(self.variants, 0.0)
+        self._samples = {name: [] for name in self.variants}
 
     def _generate(self, trainer: L.Trainer, pl_module: L.LightningModule, labels: torch.Tensor, batch_idx: int):
         if self.max_batches is not None and batch_idx >= self.max_batches:
@@ -116,6 +124,8 @@ class GenerationMetrics(Callback):
             self._refine_seconds[name] += float(stats.get("refine_seconds", 0.0))
             self._counts[name] += labels.shape[0]
             self._evaluators[name].update(latents, labels)
+            if self.save_samples:
+                self._samples[name].append((latents.detach().float().cpu(), labels.detach().cpu()))
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, dict[str, float]]:
         results = {}
@@ -170,10 +180,24 @@ class GenerationMetrics(Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         results = self._finish(trainer, pl_module, "test")
         log_dir = trainer.log_dir  # a collective under DDP: every process must call it
+        out_dir = Path(self.results_dir or log_dir or trainer.default_root_dir)
+        if self.save_samples:
+            self._write_samples(out_dir, trainer)
         if trainer.is_global_zero:
-            out_dir = Path(self.results_dir or log_dir or trainer.default_root_dir)
             paths = write_results(results, out_dir, title=f"Test results ({type(pl_module).__name__})")
             rank_zero_info(f"\n{format_table(results)}\nResults written to {paths[0]} and {paths[1]}")
+
+    def _write_samples(self, out_dir: Path, trainer: L.Trainer) -> Path:
+        """``samples.pt`` (one process) or ``samples_rank<r>.pt``: variant -> latents and labels, written atomically."""
+        name = "samples.pt" if trainer.world_size <= 1 else f"samples_rank{trainer.global_rank}.pt"
+        payload = {}
+        for variant, parts in self._samples.items():
+            latents = torch.cat([x for x, _ in parts]) if parts else torch.empty(0)
+            labels = torch.cat([y for _, y in parts]) if parts else torch.empty(0, dtype=torch.long)
+            payload[variant] = {"latents": latents, "labels": labels}
+        with atomic_output(out_dir / name) as tmp:
+            torch.save(payload, tmp)
+        return out_dir / name
 
 
 def _synchronize(device: torch.device) -> None:

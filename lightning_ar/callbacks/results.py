@@ -7,7 +7,8 @@ from pathlib import Path
 
 from lightning_ar.io import atomic_write_text
 
-FIRST_COLUMNS = ("cond_acc", "cond_acc_floor", "fid", "fid_floor", "nll", "nll_floor", "swd", "swd_floor")
+FIRST_COLUMNS = ("cond_acc", "cond_acc_floor", "fid", "fid_floor", "kid", "kid_floor", "nll", "nll_floor", "swd",
+                 "swd_floor")
 LAST_COLUMNS = ("sec_per_image", "refine_share", "num_samples")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ from lightning_ar.nn.refiners import AmortizedHook, FlowRefiner, FlowSettings, l
 from lightning_ar.nn.teacher_forcing import teacher_forced_conditions
 from lightning_ar.nn.trace import GenerationTrace
 from lightning_ar.progress import default_progress
+from lightning_ar.theory.conditions import measurement_blur
+from lightning_ar.theory.grouped_sinkhorn import group_clouds, grouped_divergence
 
 MODES = ("none", "flow", "amortized")
 
@@ -271,7 +274,7 @@ class OTRefinement(L.LightningModule):
 
         Other keyword arguments go to :meth:`MARGenerator.generate` (``cfg``, ``sampler``, ...). With a ``trace``,
         each step also records the inner-flow trace and the Sinkhorn divergence of the produced conditions to the
-        held-out ideal conditions before and after refinement.
+        held-out ideal conditions before and after refinement (:meth:`annotate`).
         """
         num_iter = default(kwargs.get("num_iter"), self.mar_generator.hparams.num_iter)
         if num_iter != len(self.schedule):
@@ -284,20 +287,49 @@ class OTRefinement(L.LightningModule):
             self.annotate(trace, hook)
         return latents
 
+    def refine_step(self, z: Tensor, labels: Tensor, positions: Tensor, step: int, mode: str | None = None) -> Tensor:
+        """Refine conditions ``z`` ``[N, D]`` (classes ``labels`` ``[N]``, token ``positions`` ``[N]``) as AR step
+        ``step`` of a sampling batch would be, with refinement mode ``mode`` (default: the module's); ``[N, D]``.
+
+        The sampler calls the same hook; this is its entry point for measurements such as the null test
+        (:func:`lightning_ar.theory.dispersion.null_test`)."""
+        hook = self._hook(mode or self.hparams.mode)
+        return z if hook is None else hook(z, labels, positions, step)
+
+    def flow_path(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> list[Tensor]:
+        """The ``K + 1`` states ``[N, D]`` of the flow at AR step ``step`` (``K = flow_steps``; state 0 is ``z``):
+        exactly the conditions sampling would hold after each flow step (same target subsample)."""
+        out = []
+        for j in range(self.flow.steps + 1):
+            settings = replace(self.flow, steps=j)
+            out.append(FlowRefiner(self.bank, settings, self._num_classes, self.mar_generator.seq_len,
+                                   self.hparams.seed, None, False)(z, labels, positions, step))
+        return out
+
     def annotate(self, trace: GenerationTrace, hook: FlowRefiner | AmortizedHook | None) -> None:
-        """Fill the divergence fields of ``trace`` against the held-out bank (and the inner-flow traces)."""
-        seq_len, classes = self.mar_generator.seq_len, self._num_classes
+        """Fill the divergence fields of ``trace`` against the held-out bank (and the inner-flow traces).
+
+        ``divergence_before``/``divergence_after``: the class- and position-aware Sinkhorn divergence of this one
+        batch's raw / refined conditions of each step to the held-out ideal conditions, at a blur of
+        ``BLUR_FRACTION`` (0.25) times the ideal conditions' within-group spread (solved per group,
+        :mod:`lightning_ar.theory.grouped_sinkhorn`). One batch puts a few conditions in each (class, position)
+        group, so this value is mostly finite-sample matching and is *lowered* by collapse toward group means:
+        read it beside the dispersion ratio, pooled over several batches (``SinkhornDivergenceMonitor``).
+        """
+        seq_len = self.mar_generator.seq_len
         for k, rec in enumerate(trace.steps):
-            heldout = [t.to(self.device) for t in self.heldout.get(k)]
+            ref_z, ref_labels, ref_positions = (t.to(self.device) for t in self.heldout.get(k))
             labels = torch.as_tensor(trace.labels, device=self.device).repeat_interleave(rec.positions.shape[1])
-            positions = rec.positions.reshape(-1).to(self.device)
+            groups = labels * seq_len + rec.positions.reshape(-1).to(self.device)
+            ref_groups = ref_labels * seq_len + ref_positions
+            blur = measurement_blur(ref_z, ref_groups)
             after = rec.conditions.reshape(labels.shape[0], -1).to(self.device)
             raw = rec.raw_conditions.reshape(labels.shape[0], -1).to(self.device) if rec.raw_conditions is not None \
                 else after
-            rec.divergence_after = float(labelled_divergence(after, labels, positions, *heldout, classes, seq_len,
-                                                             self.flow))
+            ones = torch.ones(1, len(after), device=self.device)
+            rec.divergence_after = float(grouped_divergence(group_clouds(after, groups, ref_z, ref_groups), ones, blur))
             rec.divergence_before = rec.divergence_after if raw is after else float(
-                labelled_divergence(raw, labels, positions, *heldout, classes, seq_len, self.flow))
+                grouped_divergence(group_clouds(raw, groups, ref_z, ref_groups), ones, blur))
             if isinstance(hook, FlowRefiner):
                 rec.flow_trace = hook.stats.flow_traces.get(k)
 

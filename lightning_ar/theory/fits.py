@@ -196,3 +196,40 @@ def fit_contraction(values: Sequence[float], atol: float = 1e-12) -> dict[str, f
     fit = fit_exponential_decay(np.arange(k + 1), v) if positive.any() else DecayFit()
     return {"rho": rho, "rho_bound": bound, "rho_floor": fit.beta, "floor": fit.floor,
             "fraction_monotone": monotone, "num_steps": float(k)}
+
+
+def decay_claim(per_sample: np.ndarray, reps: int = 1000, seed: int = 0) -> dict:
+    """Bootstrap verdict on "``v_i`` decays exponentially toward a floor" from per-sample values ``[K, B]``.
+
+    Samples (generated images, which contribute to every AR step: the comparison is paired) are resampled with
+    replacement; each replicate's curve ``mean_b v_i`` is refitted. Pre-registered criterion: **holds** when the
+    point fit holds (:attr:`DecayFit.holds`), the CI of ``v_last - v_first`` lies below zero and the CI of ``beta``
+    lies in ``(0, 1)``; **does not hold** when the CI of ``v_last - v_first`` lies above zero (the curve rises) or
+    the CI of ``beta`` lies at or above 1; **not resolved** otherwise.
+
+    Returns:
+        ``verdict``, ``fit`` (:meth:`DecayFit.to_dict` of the mean curve), ``change`` (``v_last - v_first``),
+        ``change_ci`` (basic bootstrap interval), ``beta_ci`` (percentile interval: ``beta`` is bounded) and
+        ``num_samples``.
+    """
+    from lightning_ar.theory.stats import FAILS, HOLDS, UNMEASURABLE, UNRESOLVED, basic_ci, percentile_ci
+
+    v = np.asarray(per_sample, dtype=float)
+    k, b = v.shape
+    steps = np.arange(k)
+    fit = fit_exponential_decay(steps, v.mean(1))
+    if k < MIN_POINTS or b < 2 or not np.isfinite(v).all():
+        return {"verdict": UNMEASURABLE, "fit": fit.to_dict(), "change": NAN, "change_ci": [NAN, NAN],
+                "beta_ci": [NAN, NAN], "num_samples": int(b)}
+    rng = np.random.default_rng(seed)
+    curves = [v[:, rng.integers(0, b, b)].mean(1) for _ in range(reps)]
+    change_ci = basic_ci(float(v.mean(1)[-1] - v.mean(1)[0]), [c[-1] - c[0] for c in curves])
+    beta_ci = percentile_ci([fit_exponential_decay(steps, c).beta for c in curves])
+    if fit.holds and change_ci[1] < 0 and 0 < beta_ci[0] and beta_ci[1] < 1:
+        state = HOLDS
+    elif change_ci[0] > 0 or beta_ci[0] >= 1:
+        state = FAILS
+    else:
+        state = UNRESOLVED
+    return {"verdict": state, "fit": fit.to_dict(), "change": float(v.mean(1)[-1] - v.mean(1)[0]),
+            "change_ci": list(change_ci), "beta_ci": list(beta_ci), "num_samples": int(b)}

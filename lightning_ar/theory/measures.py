@@ -42,11 +42,16 @@ class ScoreNorms:
         score: ``[K, T]`` ``s_i(t) = mean ||eps_theta(x_t, t, c_i)|| / sigma_t`` over the tokens of step ``i``.
         guidance: ``[K, T]`` ``g_i(t) = mean ||eps_theta(x_t, t, c_i) - eps_theta(x_t, t, c_null,i)|| / sigma_t``,
             or ``None`` when the trace has no null conditions (no guidance).
+        score_per_sample: ``[K, T, B]`` the same per generated sample (mean over its tokens of step ``i``), for
+            bootstrap CIs over samples (``score`` is its mean over ``B``).
+        guidance_per_sample: ``[K, T, B]`` or ``None``.
     """
 
     timesteps: list[int]
     score: np.ndarray
     guidance: np.ndarray | None
+    score_per_sample: np.ndarray | None = None
+    guidance_per_sample: np.ndarray | None = None
 
     @property
     def score_mean(self) -> np.ndarray:
@@ -59,33 +64,34 @@ class ScoreNorms:
         return None if self.guidance is None else self.guidance.mean(axis=1)
 
     def to_dict(self) -> dict:
-        """Plain lists, for notebooks, JSON and reports."""
+        """Plain lists, for notebooks, JSON and reports (the per-sample arrays are left out)."""
         guided = self.guidance is not None
         return {"timesteps": list(self.timesteps), "score": self.score.tolist(), "score_mean": self.score_mean.tolist(),
                 "guidance": self.guidance.tolist() if guided else None,
                 "guidance_mean": self.guidance_mean.tolist() if guided else None}
 
 
-def _step_norms(head: DiffusionLoss, rec: StepRecord, t: int, generator: torch.Generator) -> tuple[float, float]:
-    """``(s_i(t), g_i(t))`` for one step record (``g`` is NaN without null conditions)."""
+def _step_norms(head: DiffusionLoss, rec: StepRecord, t: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Per-sample ``(s_i(t), g_i(t))`` ``[B]`` of one step record (``g`` NaN without null conditions)."""
     device = head.alphas_cumprod.device
-    x0 = rec.tokens.reshape(-1, head.token_dim).to(device, torch.float32)  # (N, Dt)
-    z = rec.conditions.reshape(x0.shape[0], -1).to(device, torch.float32)  # (N, D)
+    b, n = rec.positions.shape
+    x0 = rec.tokens.reshape(-1, head.token_dim).to(device, torch.float32)  # (B*n, Dt)
+    z = rec.conditions.reshape(x0.shape[0], -1).to(device, torch.float32)  # (B*n, D)
     null = rec.null_conditions
     if null is not None:
-        z = torch.cat([z, null.reshape(x0.shape[0], -1).to(device, torch.float32)])  # (2N, D)
-    noise = torch.randn(x0.shape, device=device, generator=generator)  # (N, Dt)
+        z = torch.cat([z, null.reshape(x0.shape[0], -1).to(device, torch.float32)])  # (2Bn, D)
+    noise = torch.randn(x0.shape, device=device, generator=generator)  # (B*n, Dt)
     ab = head.alphas_cumprod[t]
     sigma = float((1.0 - ab).sqrt())
-    x_t = ab.sqrt() * x0 + (1.0 - ab).sqrt() * noise  # (N, Dt)
-    x_in = x_t.repeat(z.shape[0] // x0.shape[0], 1)  # (N or 2N, Dt)
+    x_t = ab.sqrt() * x0 + (1.0 - ab).sqrt() * noise  # (B*n, Dt)
+    x_in = x_t.repeat(z.shape[0] // x0.shape[0], 1)  # (Bn or 2Bn, Dt)
     t_in = torch.full((x_in.shape[0],), t, device=device, dtype=torch.long)
-    eps = head.net(x_in, t_in, z)[:, : head.token_dim].float()  # (N or 2N, Dt)
-    score = float(eps[: x0.shape[0]].norm(dim=-1).mean()) / sigma
+    eps = head.net(x_in, t_in, z)[:, : head.token_dim].float()  # (Bn or 2Bn, Dt)
+    score = eps[: x0.shape[0]].norm(dim=-1).reshape(b, n).mean(1) / sigma  # (B,)
     if null is None:
-        return score, math.nan
+        return score, torch.full_like(score, math.nan)
     cond, uncond = eps.chunk(2)
-    return score, float((cond - uncond).norm(dim=-1).mean()) / sigma
+    return score, (cond - uncond).norm(dim=-1).reshape(b, n).mean(1) / sigma
 
 
 @torch.no_grad()
@@ -97,6 +103,7 @@ def score_norms(
     For each step ``i`` and timestep ``t`` the step's sampled tokens ``x0`` ``[N, Dt]`` are noised,
     ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps``, and the head predicts the noise from the step's conditions;
     with an epsilon-predicting head ``grad log p_t(x_t | c) = -eps_theta / sigma_t``, ``sigma_t = sqrt(1 - ab_t)``.
+    These are the *model's* score norms at its own samples; the true score is known only on ``gmm``.
 
     Args:
         head: The diffusion head that sampled the trace (its ``net`` and ``alphas_cumprod`` are used).
@@ -105,15 +112,17 @@ def score_norms(
         generator: RNG on the head's device for the noise.
 
     Returns:
-        :class:`ScoreNorms` with ``[K, T]`` arrays.
+        :class:`ScoreNorms` with ``[K, T]`` arrays and ``[K, T, B]`` per-sample arrays.
     """
     if not trace.steps:
         raise ValueError("score_norms needs a trace filled by generate(..., trace=trace)")
     with _eval(head):
-        values = [[_step_norms(head, rec, int(t), generator) for t in timesteps] for rec in trace.steps]
-    arr = np.asarray(values, dtype=float)  # (K, T, 2)
+        values = [[torch.stack(_step_norms(head, rec, int(t), generator)) for t in timesteps] for rec in trace.steps]
+    arr = torch.stack([torch.stack(row) for row in values]).double().cpu().numpy()  # (K, T, 2, B)
     guided = all(rec.null_conditions is not None for rec in trace.steps)
-    return ScoreNorms(list(map(int, timesteps)), arr[..., 0], arr[..., 1] if guided else None)
+    per_s, per_g = arr[:, :, 0], (arr[:, :, 1] if guided else None)
+    return ScoreNorms(list(map(int, timesteps)), per_s.mean(-1), None if per_g is None else per_g.mean(-1),
+                      per_s, per_g)
 
 
 @dataclass

@@ -56,6 +56,37 @@ def plot_sinkhorn(curves: dict[str, SinkhornCurves]) -> Figure:
     return fig
 
 
+def plot_conditions(results: dict[str, dict], curves: dict[str, SinkhornCurves]) -> Figure:
+    """Per AR step: pooled divergence to held-out ideal conditions, the dispersion ratio (with its SE and the
+    [0.9, 1.1] band), and the inner-flow traces toward the flow's own target."""
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    ax_d, ax_r, ax_f = fig.subplots(1, 3)
+    for j, (mode, stats) in enumerate(results.items()):
+        steps = [s for s in stats["steps"] if not s["trivial"]]
+        ks, color = [s["step"] for s in steps], f"C{j}"
+        ax_d.plot(ks, [s["divergence_before"] for s in steps], "s--", color=color, alpha=0.6, label=f"raw ({mode})")
+        ax_d.plot(ks, [s["divergence_after"] for s in steps], "o-", color=color, label=f"refined ({mode})")
+        for key, style in (("ratio_before", "s--"), ("ratio_after", "o-")):
+            r = np.array([[s[key]["ratio"], s[key]["se"]] for s in steps], dtype=float).reshape(-1, 2)
+            ax_r.errorbar(ks, r[:, 0], yerr=r[:, 1], fmt=style, color=color, ms=4, capsize=2,
+                          alpha=0.6 if key == "ratio_before" else 1.0, label=f"{key[6:]} ({mode})")
+    ax_d.set(xlabel="AR step k", ylabel="Sinkhorn divergence (pooled)", title="to held-out ideal conditions")
+    ax_d.legend(fontsize=7)
+    ax_r.axhspan(0.9, 1.1, color="0.85", zorder=0)
+    ax_r.axhline(1.0, color="0.5", lw=0.8)
+    ax_r.set(xlabel="AR step k", ylabel="dispersion produced / ideal", title="within-group dispersion ratio")
+    ax_r.legend(fontsize=7)
+    for mode, cur in curves.items():
+        for k, tr in enumerate(cur.flow_traces):
+            if tr is not None:
+                ax_f.plot(np.arange(tr.size), tr, "o-", ms=3, label=f"{mode} step {k}")
+    ax_f.set(xlabel="flow step j", ylabel="divergence to flow target", title="inner flow (own target)",
+             yscale="symlog")
+    if ax_f.lines:
+        ax_f.legend(fontsize=6, ncol=2)
+    return fig
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Write ``fig`` as a PNG atomically; return the path."""
     path = Path(path)
