@@ -132,3 +132,18 @@ def test_trace_reconstructs_context(small: GMMSource) -> None:
     seq = trace.sequence()
     for rec in trace.steps:
         torch.testing.assert_close(seq.gather(1, rec.positions[..., None].expand(-1, -1, 3)), rec.tokens)
+
+
+def test_mask_ratio_min_zero_trains_on_long_contexts() -> None:
+    """Regime R1 of the study: ``mask_ratio_min`` 0 is accepted and at least one token stays masked."""
+    from lightning_ar import MARGenerator
+    from lightning_ar.nn.masking import num_masked_for_training, sample_mask_ratio
+
+    model = MARGenerator((4, 2, 2), 2, 1.0, patch_size=1, width=16, encoder_depth=1, decoder_depth=1, num_heads=2,
+                         head_width=16, head_depth=1, mask_ratio_min=0.0, num_iter=2)
+    assert float(model.diffusion_loss(torch.randn(3, 4, 2, 2), torch.tensor([0, 1, 0]))) > 0
+    ratios = [sample_mask_ratio(torch.Generator().manual_seed(i), low=0.0) for i in range(300)]
+    assert min(ratios) >= 0.0 and min(ratios) < 0.7
+    assert num_masked_for_training(4, 0.0) == 1
+    with pytest.raises(ValueError, match="mask_ratio_min"):
+        MARGenerator((4, 2, 2), 2, 1.0, patch_size=1, width=16, num_heads=2, mask_ratio_min=-0.1, num_iter=2)

@@ -57,14 +57,16 @@ def _true_norms(x_t: Tensor, means: Tensor, post: Tensor, labels: Tensor, cov: T
 @torch.no_grad()
 def _step(model: ConditionModel, source: GMMSource, trace: GenerationTrace, k: int, timesteps: Sequence[int],
           generator: torch.Generator) -> np.ndarray:
-    """``[T, 4]``: model score, true score, model guidance, true guidance of step ``k`` at each timestep."""
+    """``[T, 4, B]``: per sample (mean over the step's tokens) model score, true score, model guidance and true
+    guidance of step ``k`` at each timestep."""
     s, rec = model.latent_scale, trace.steps[k]
     labels, seq = torch.as_tensor(trace.labels), trace.sequence().double()
     revealed, positions = trace.revealed_before(k), rec.positions
+    b, n = positions.shape
     means, var = _class_means(source, seq / s, revealed, positions)  # unscaled
     means = (means * s).flatten(1, 2)  # (C, N, D) scaled
-    post = source.class_posterior(seq / s, revealed).repeat_interleave(positions.shape[1], dim=0)  # (N, C)
-    flat_labels = labels.repeat_interleave(positions.shape[1])
+    post = source.class_posterior(seq / s, revealed).repeat_interleave(n, dim=0)  # (N, C)
+    flat_labels = labels.repeat_interleave(n)
     cov = (var.flatten() * s**2)[:, None, None] * source.dim_cov  # (N, D, D)
     chol = torch.linalg.cholesky(cov + 1e-12 * torch.eye(cov.shape[-1], dtype=cov.dtype))
     noise = torch.randn(means.shape[1:], generator=generator, dtype=torch.float64)
@@ -86,13 +88,16 @@ def _step(model: ConditionModel, source: GMMSource, trace: GenerationTrace, k: i
         sigma = (1 - ab) ** 0.5
         cond, uncond = eps.chunk(2)
         true_s, true_g = _true_norms(x_t, means, post, flat_labels, cov, ab)
-        rows.append([float(cond.norm(dim=-1).mean()) / sigma, float(true_s.mean()),
-                     float((cond - uncond).norm(dim=-1).mean()) / sigma, float(true_g.mean())])
+        norms = [cond.norm(dim=-1).double() / sigma, true_s, (cond - uncond).norm(dim=-1).double() / sigma, true_g]
+        rows.append(torch.stack([v.view(b, n).mean(1) for v in norms]).numpy())  # (4, B)
     return np.asarray(rows)
 
 
+SCORE_KEYS = ("model_score", "true_score", "model_guidance", "true_guidance")
+
+
 def score_truth(model: ConditionModel, source: GMMSource, trace: GenerationTrace, timesteps: Sequence[int],
-                generator: torch.Generator) -> dict[str, list]:
+                generator: torch.Generator) -> dict:
     """Model and exact score / guidance norms of every AR step of ``trace`` at ``timesteps``.
 
     Args:
@@ -103,11 +108,14 @@ def score_truth(model: ConditionModel, source: GMMSource, trace: GenerationTrace
         generator: CPU RNG for the exact draws and the noise.
 
     Returns:
-        ``timesteps`` and ``[K][T]`` lists ``model_score``, ``true_score``, ``model_guidance``, ``true_guidance``.
+        ``timesteps``; ``[K][T]`` lists of means ``model_score``, ``true_score``, ``model_guidance``,
+        ``true_guidance``; and ``per_sample``: ``{key: [K, T, B] array}`` (each sample's mean over its step's tokens).
     """
     was_training = model.head.training
     model.head.eval()
     arr = np.stack([_step(model, source, trace, k, timesteps, generator) for k in range(len(trace.steps))])
-    model.head.train(was_training)
-    keys = ("model_score", "true_score", "model_guidance", "true_guidance")
-    return {"timesteps": [int(t) for t in timesteps], **{key: arr[..., i].tolist() for i, key in enumerate(keys)}}
+    model.head.train(was_training)  # arr: (K, T, 4, B)
+    out: dict = {"timesteps": [int(t) for t in timesteps]}
+    out.update({key: arr[:, :, i].mean(-1).tolist() for i, key in enumerate(SCORE_KEYS)})
+    out["per_sample"] = {key: arr[:, :, i] for i, key in enumerate(SCORE_KEYS)}
+    return out
