@@ -207,7 +207,7 @@ def per_step_table(arms: dict[str, list[StackedStep]], num_seeds: int, bootstrap
         table[arm] = {m: [_diff_ci(arms, (arm, m, [k]), None, num_seeds, count or n, r, count) for k in steps]
                       for m in metrics}
     gaps: dict = {"gen_minus_tf": {}, "gen_minus_oracle": {}}
-    for m in ("excess_token", "kl_excess"):
+    for m in ("excess_token", "kl_excess") if "tf" in arms else ():
         gaps["gen_minus_tf"][m] = [_diff_ci(arms, ("gen", m, [k]), ("tf", m, [k]), num_seeds, n, reps) for k in steps]
         if n_oracle:
             gaps["gen_minus_oracle"][m] = [_diff_ci(arms, ("gen", m, [k]), ("oracle", m, [k]), num_seeds, n_oracle,

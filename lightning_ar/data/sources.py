@@ -105,9 +105,10 @@ class GMMSource(LatentSource):
     For class ``c`` the ``L = grid**2`` tokens of dimension ``D`` are jointly Gaussian: a class mean ``mu_c``
     ``[L, D]`` (a smooth random pattern over positions) plus a zero-mean process with covariance
     ``K (x) S``: ``K[i, j] = rho**|i - j|`` (an AR(1) process over raster positions) and ``S`` a fixed ``D x D``
-    covariance. Every conditional ``p(token_i | revealed tokens, class)`` is Gaussian in closed form and the exact
-    log-likelihood of any sequence is available (:meth:`log_prob`). Latents are ``[D, grid, grid]`` so that
-    ``patch_size=1`` gives back the tokens in raster order.
+    covariance. Every conditional ``p(token_i | revealed tokens, class)`` is Gaussian in closed form
+    (:meth:`conditional`, with ``L x L`` solves thanks to the Kronecker structure; :meth:`class_posterior` given a
+    context) and the exact log-likelihood of any sequence is available (:meth:`log_prob`). Latents are
+    ``[D, grid, grid]`` so that ``patch_size=1`` gives back the tokens in raster order.
 
     Args:
         num_classes: Number of classes.
