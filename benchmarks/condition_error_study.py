@@ -163,17 +163,25 @@ def _parallel(tasks: list, jobs: int) -> list:
         return [f.result() for f in [pool.submit(t) for t in tasks]]
 
 
+def run_task(regime: str, seed: int, tier_name: str, out: Path):
+    """Fit one (regime, seed), then run its evaluations (main; the secondary cfg row and the controls where due)."""
+    tier = TIERS[tier_name]
+    fit = fit_task(regime, seed, tier, out)
+
+    def task() -> None:
+        ckpt = fit()
+        whats = ["main"] + (["secondary"] if regime in tier.secondary_regimes else [])
+        whats += ["controls"] if (regime, seed) == (tier.control_regime, tier.seeds[0]) else []
+        for what in whats:
+            eval_task(regime, seed, ckpt, tier_name, out, what)()
+
+    return task
+
+
 def run_study(opts: argparse.Namespace) -> None:
-    """Fit every (regime, seed), then run every evaluation; all resumable."""
-    tier, out = TIERS[opts.tier], Path(opts.out)
-    keys = [(r, s) for s in tier.seeds for r in tier.regimes]
-    ckpts = dict(zip(keys, _parallel([fit_task(r, s, tier, out) for r, s in keys], opts.jobs)))
-    tasks = [eval_task(r, s, ckpts[r, s], opts.tier, out, "main") for r, s in keys]
-    tasks += [eval_task(r, s, ckpts[r, s], opts.tier, out, "secondary") for r, s in keys
-              if r in tier.secondary_regimes]
-    tasks.append(eval_task(tier.control_regime, tier.seeds[0], ckpts[tier.control_regime, tier.seeds[0]], opts.tier,
-                           out, "controls"))
-    _parallel(tasks, opts.jobs)
+    """Fit and evaluate every (regime, seed), seed by seed (a partial study is already usable); all resumable."""
+    tier = TIERS[opts.tier]
+    _parallel([run_task(r, s, opts.tier, Path(opts.out)) for s in tier.seeds for r in tier.regimes], opts.jobs)
 
 
 def evaluate_one(opts: argparse.Namespace) -> None:
