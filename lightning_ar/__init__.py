@@ -14,6 +14,7 @@ from lightning_ar.data import (
     CacheSource,
     DigitsSource,
     GMMSource,
+    KroneckerConditional,
     LatentDataModule,
     LatentSource,
     convert_ldm_kl16,
@@ -23,8 +24,26 @@ from lightning_ar.data import (
 from lightning_ar.errors import UsageError
 from lightning_ar.metrics import ImageQualityEvaluator, ReferenceStatsFID, evaluate_npz
 from lightning_ar.modules import CausalARGenerator, ConditionalDiffusion, MARGenerator, OTRefinement
-from lightning_ar.nn import DiffusionLoss, GenerationTrace, MaskedAutoregressiveTransformer, StepRecord
+from lightning_ar.nn import (
+    ConditionStats,
+    ContextShuffle,
+    DiffusionLoss,
+    Dispersion,
+    GenerationTrace,
+    MaskedAutoregressiveTransformer,
+    MeanBias,
+    StepRecord,
+)
 from lightning_ar.nn.refine import AmortizedRefiner, ConditionBank, RefinementResult, refine_conditions, sinkhorn_flow
+from lightning_ar.theory import (
+    ConditionModel,
+    TruthSettings,
+    evaluate_controls,
+    evaluate_generator,
+    score_truth,
+    teacher_forced_trace,
+    trace_truth,
+)
 
 __version__ = "0.1.0"
 
@@ -64,4 +83,16 @@ __all__ = [
     "SampleGrid",
     "SampleWriter",
     "StepRecord",
+    "ConditionModel",
+    "ConditionStats",
+    "ContextShuffle",
+    "Dispersion",
+    "KroneckerConditional",
+    "MeanBias",
+    "TruthSettings",
+    "evaluate_controls",
+    "evaluate_generator",
+    "score_truth",
+    "teacher_forced_trace",
+    "trace_truth",
 ]

@@ -24,6 +24,7 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 KERNEL = "python3"
 MAX_EXECUTED_BYTES = 300_000
 MAX_COMMITTED_BYTES = 1_000_000
+COMMITTED_EXECUTED: set[str] = set()  # prefixes committed with outputs (their evidence is read without running them)
 
 
 def _ensure_kernelspec() -> None:
@@ -59,13 +60,26 @@ def notebook_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_notebooks_exist_and_are_committed_small_and_without_errors() -> None:
-    assert [p.name[:2] for p in NOTEBOOKS[:4]] == ["01", "02", "03", "04"], NOTEBOOKS
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05"], NOTEBOOKS
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
         assert path.stat().st_size < MAX_COMMITTED_BYTES, f"{path.name} is {path.stat().st_size} bytes"
         errors = [out for out in _outputs(nb) if out.get("output_type") == "error"]
         assert not errors, f"{path.name} is committed with an error output: {errors[0].get('ename')}"
+
+
+def test_executed_notebooks_are_committed_with_their_outputs() -> None:
+    """Notebooks whose evidence a reader should see without running them are committed executed, and small."""
+    for path in NOTEBOOKS:
+        if path.name[:2] not in COMMITTED_EXECUTED:
+            continue
+        nb = nbformat.read(path, as_version=4)
+        code = [cell for cell in nb.cells if cell.cell_type == "code"]
+        assert all(cell.get("execution_count") for cell in code), f"{path.name} is not fully executed"
+        assert not [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"], path.name
+        assert any("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", [])), path.name
+        assert path.stat().st_size < MAX_EXECUTED_BYTES, f"{path.name} is {path.stat().st_size} bytes"
 
 
 def test_kernel_runs_this_interpreter(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from lightning_ar.data.cache_source import CacheDataset, CacheSource
 from lightning_ar.data.datamodule import LatentDataModule
+from lightning_ar.data.gaussian import KroneckerConditional, condition_kronecker
 from lightning_ar.data.shards import CacheMeta, ShardReader, validate_cache
 from lightning_ar.data.sources import DigitsSource, GMMSource, LatentSource, make_source
 from lightning_ar.data.vae import convert_ldm_kl16, decode_latents, encode_moments, load_vae, save_converted_vae
@@ -12,9 +13,11 @@ __all__ = [
     "CacheSource",
     "DigitsSource",
     "GMMSource",
+    "KroneckerConditional",
     "LatentDataModule",
     "LatentSource",
     "ShardReader",
+    "condition_kronecker",
     "convert_ldm_kl16",
     "decode_latents",
     "encode_moments",

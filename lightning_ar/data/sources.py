@@ -15,6 +15,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from lightning_ar.data.gaussian import KroneckerConditional, condition_kronecker, revealed_log_likelihood_classes
+
 if TYPE_CHECKING:
     from lightning_ar.metrics.base import SampleEvaluator
 
@@ -103,9 +105,10 @@ class GMMSource(LatentSource):
     For class ``c`` the ``L = grid**2`` tokens of dimension ``D`` are jointly Gaussian: a class mean ``mu_c``
     ``[L, D]`` (a smooth random pattern over positions) plus a zero-mean process with covariance
     ``K (x) S``: ``K[i, j] = rho**|i - j|`` (an AR(1) process over raster positions) and ``S`` a fixed ``D x D``
-    covariance. Every conditional ``p(token_i | revealed tokens, class)`` is Gaussian in closed form and the exact
-    log-likelihood of any sequence is available (:meth:`log_prob`). Latents are ``[D, grid, grid]`` so that
-    ``patch_size=1`` gives back the tokens in raster order.
+    covariance. Every conditional ``p(token_i | revealed tokens, class)`` is Gaussian in closed form
+    (:meth:`conditional`, with ``L x L`` solves thanks to the Kronecker structure; :meth:`class_posterior` given a
+    context) and the exact log-likelihood of any sequence is available (:meth:`log_prob`). Latents are
+    ``[D, grid, grid]`` so that ``patch_size=1`` gives back the tokens in raster order.
 
     Args:
         num_classes: Number of classes.
@@ -197,6 +200,31 @@ class GMMSource(LatentSource):
             self.means.flatten(1).to(latents.device), scale_tril=self._scale_tril.to(latents.device)
         )
         return dist.log_prob(self.to_tokens(latents.double()).flatten(1)[:, None, :])
+
+    def conditional(
+        self, tokens: Tensor, revealed: Tensor, labels: Tensor, positions: Tensor | None = None
+    ) -> KroneckerConditional | tuple[KroneckerConditional, Tensor]:
+        """Exact conditional of every token given the revealed ones (Kronecker structure: ``L x L`` solves only).
+
+        Args:
+            tokens: ``[B, L, D]`` sequences in the source's (unscaled) space; unrevealed values are ignored.
+            revealed: ``[B, L]`` bool, ``True`` where the token is known.
+            labels: ``[B]`` classes.
+            positions: Optional ``[B, n]`` set of positions whose joint covariance is also returned.
+
+        Returns:
+            A :class:`~lightning_ar.data.gaussian.KroneckerConditional` with ``mean`` ``[B, L, D]`` and ``cov``
+            ``[B, L, D, D]`` (revealed tokens: the token itself, zero covariance); with ``positions``, the pair
+            ``(conditional, joint covariance [B, n*D, n*D])``.
+        """
+        mean = self.means.to(tokens.device)[labels.to(tokens.device)]  # (B, L, D)
+        cond = condition_kronecker(tokens, revealed, mean, self.pos_cov, self.dim_cov)
+        return cond if positions is None else (cond, cond.joint_cov(positions))
+
+    def class_posterior(self, tokens: Tensor, revealed: Tensor) -> Tensor:
+        """``[B, C]`` exact class posterior (uniform prior) given only the revealed tokens of ``[B, L, D]``."""
+        loglik = revealed_log_likelihood_classes(tokens, revealed, self.means, self.pos_cov, self.dim_cov)
+        return loglik.softmax(dim=-1)
 
     @cached_property
     def _splits(self) -> dict[str, tuple[Tensor, Tensor]]:

@@ -38,7 +38,8 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
         head_depth: Residual blocks of the diffusion MLP.
         diffusion_batch_mul: Times each token is repeated with fresh noise and timestep in the loss (MAR: 4).
         num_train_timesteps: Diffusion training steps (MAR: 1000).
-        mask_ratio_min: Lower cut of the truncated-normal training mask ratio (MAR: 0.7).
+        mask_ratio_min: Lower cut of the truncated-normal training mask ratio (MAR: 0.7; 0 lets training see
+            contexts up to ``L - 1`` tokens, as the last sampling steps do: at least one token is always masked).
         mask_ratio_std: Standard deviation of that normal (mean 1.0; MAR: 0.25).
         optimizer: Optimizer factory called with parameter groups (default AdamW lr 1e-4, betas (0.9, 0.95),
             weight decay 0.02); biases, norms, embeddings of dimension 1 and the diffusion head get no weight decay.
@@ -130,8 +131,8 @@ class MARGenerator(DiffusionLossSteps, L.LightningModule):
             raise ValueError(f"model.width ({hp.width}) must be divisible by model.num_heads ({hp.num_heads})")
         if hp.diffusion_batch_mul < 1:
             raise ValueError(f"model.diffusion_batch_mul must be >= 1, got {hp.diffusion_batch_mul}")
-        if not 0.0 < hp.mask_ratio_min <= 1.0:
-            raise ValueError(f"model.mask_ratio_min must be in (0, 1], got {hp.mask_ratio_min}")
+        if not 0.0 <= hp.mask_ratio_min <= 1.0:
+            raise ValueError(f"model.mask_ratio_min must be in [0, 1], got {hp.mask_ratio_min}")
         labels = torch.zeros(1, dtype=torch.long, device="cpu")  # a check, also when built on the meta device
         try:
             check_sampling_args(labels, hp.num_classes, self.seq_len, hp.num_iter, hp.sampler, hp.cfg_schedule,

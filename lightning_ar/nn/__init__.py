@@ -1,5 +1,6 @@
 """Plain PyTorch modules (no Lightning): transformer, diffusion head and loss, masking, sampler, trace."""
 
+from lightning_ar.nn.controls import ConditionStats, ContextShuffle, Dispersion, MeanBias
 from lightning_ar.nn.diffusion_head import AdaLNMLPDenoiser
 from lightning_ar.nn.diffusion_loss import SAMPLERS, DiffusionLoss
 from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, patchify, unpatchify
@@ -11,9 +12,13 @@ __all__ = [
     "SAMPLERS",
     "AdaLNMLPDenoiser",
     "ConditionRefiner",
+    "ConditionStats",
+    "ContextShuffle",
     "DiffusionLoss",
+    "Dispersion",
     "GenerationTrace",
     "MaskedAutoregressiveTransformer",
+    "MeanBias",
     "StepRecord",
     "cosine_schedule",
     "mask_from_orders",

@@ -20,9 +20,11 @@ def sample_mask_ratio(
     low: float = 0.7,
     high: float = 1.0,
 ) -> float:
-    """Draw one mask ratio from a normal(mean, std) truncated to ``[low, high]`` (MAR's training schedule)."""
-    if not 0.0 < low <= high <= 1.0:
-        raise ValueError(f"mask ratio bounds must satisfy 0 < low <= high <= 1, got low={low}, high={high}")
+    """Draw one mask ratio from a normal(mean, std) truncated to ``[low, high]`` (MAR's training schedule).
+
+    ``low = 0`` is allowed: :func:`num_masked_for_training` still masks at least one token."""
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"mask ratio bounds must satisfy 0 <= low <= high <= 1, got low={low}, high={high}")
     ratio = torch.empty(1, device=device)
     torch.nn.init.trunc_normal_(ratio, mean=mean, std=std, a=low, b=high, generator=generator)
     return float(ratio.item())

@@ -68,6 +68,31 @@ class GenerationTrace:
         stored = {name: self._store(value) for name, value in tensors.items()}
         self.steps.append(StepRecord(step=step, num_masked_after=num_masked_after, cfg=cfg, **stored))
 
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sequence: the positions predicted over all recorded steps."""
+        return sum(int(rec.positions.shape[1]) for rec in self.steps)
+
+    def revealed_before(self, step: int) -> Tensor:
+        """``[B, L]`` bool: the positions known when AR step ``step`` starts (predicted by the steps before it).
+
+        With the sampler's per-step ``positions`` and ``tokens`` this is the exact context of each step, so the
+        trace needs no extra record (and sampling without a trace costs nothing)."""
+        rec = self.steps[0]
+        revealed = torch.zeros(rec.positions.shape[0], self.seq_len, dtype=torch.bool, device=rec.positions.device)
+        for earlier in self.steps[:step]:
+            revealed.scatter_(1, earlier.positions, True)
+        return revealed
+
+    def sequence(self) -> Tensor:
+        """``[B, L, token_dim]`` the sampled tokens of all steps in position order (the generated sequence, in the
+        sampler's scaled token space); ``sequence() * revealed_before(k)`` is the context of step ``k``."""
+        rec = self.steps[0]
+        out = rec.tokens.new_zeros(rec.tokens.shape[0], self.seq_len, rec.tokens.shape[-1])
+        for step in self.steps:
+            out.scatter_(1, step.positions[..., None].expand(-1, -1, out.shape[-1]), step.tokens.to(out.dtype))
+        return out
+
     def conditions_at(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
         """Conditions, their labels and positions at ``step``, flattened: ``[B*n, D]``, ``[B*n]``, ``[B*n]``."""
         rec = self.steps[step]
