@@ -221,7 +221,8 @@ class ImageQualityEvaluator(SampleEvaluator):
             pr.update(features, real=True)
             self._parts["pr"] = pr
         if logits is not None:
-            self._parts["is"] = StableInceptionScore(feature=Precomputed(logits.shape[1]), splits=self.is_splits, **sync)
+            self._parts["is"] = StableInceptionScore(feature=Precomputed(logits.shape[1]), splits=self.is_splits,
+                                                     **sync)
 
     def _compute_floors(self, features: Tensor, logits: Tensor | None) -> dict[str, float]:
         """Real-vs-real values on a fixed random half/half split of all reference features ``[N, F]``."""
