@@ -34,6 +34,7 @@ from lightning_ar.nn import (
     MeanBias,
     StepRecord,
 )
+from lightning_ar.nn.entropic_map import EntropicMap, MapSettings, solve_entropic_ot
 from lightning_ar.nn.refine import AmortizedRefiner, ConditionBank, RefinementResult, refine_conditions, sinkhorn_flow
 from lightning_ar.theory import (
     ConditionModel,
@@ -69,6 +70,9 @@ __all__ = [
     "SinkhornDivergenceMonitor",
     "OTRefinement",
     "RefinementResult",
+    "EntropicMap",
+    "MapSettings",
+    "solve_entropic_ot",
     "refine_conditions",
     "sinkhorn_flow",
     "DiffusionLoss",

@@ -46,7 +46,7 @@ def refined(gmm_generator: Path, tmp_path_factory) -> tuple[OTRefinement, Latent
     dm = LatentDataModule("gmm", batch_size=128)
     module = OTRefinement(str(gmm_generator), dm.latent_shape, dm.num_classes, dm.latent_scale, bank_capacity=2048,
                           heldout_capacity=1024, teacher_passes=2, target_size=512, flow_steps=2,
-                          flow_eta=0.3)
+                          flow_eta=0.3, map_pool_samples=512, map_pool_size=2048)
     _trainer(root, max_epochs=1, limit_train_batches=8, limit_val_batches=4).fit(module, dm)
     return module, dm
 
@@ -209,3 +209,33 @@ def test_null_test_amortized(refined) -> None:
         module.refiner_loss(labels, torch.Generator().manual_seed(step)).backward()
         optimizer.step()
     _assert_null(_null_tests(module, "amortized"))
+
+
+# ------------------------------------------------------------------------------------------- entropic map
+def test_map_is_fitted_at_the_end_of_the_bank_phase_and_batch_independent(refined, tmp_path) -> None:
+    """``fit`` fits the entropic map of every AR step on the generator's own sampling; in ``generate`` a sample's
+    refined conditions do not depend on the rest of its batch; the map travels in the checkpoint."""
+    module, _ = refined
+    stats = module.map_fit_stats
+    assert all(module.entropic_map.fitted(k) for k in range(4)) and stats["max_marginal_error"] < 5e-2
+    assert stats["num_samples"] == 512 and min(stats["pool_sizes"].values()) >= 512
+    z, labels, positions = module.heldout.get(2)
+    alone = torch.cat([module.refine_step(z[i: i + 1], labels[i: i + 1], positions[i: i + 1], 2, mode="map")
+                       for i in range(64)])
+    batch = module.refine_step(z[:64], labels[:64], positions[:64], 2, mode="map")
+    assert torch.allclose(alone, batch, atol=1e-5) and not torch.allclose(batch, z[:64], atol=1e-3)
+    trace = GenerationTrace()
+    latents = module.generate(torch.arange(4).repeat(4), refine="map", trace=trace,
+                              generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(latents).all() and trace.steps[-1].raw_conditions is not None
+    trainer = _trainer(tmp_path, max_epochs=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "refine.ckpt")
+    loaded = OTRefinement.load_from_checkpoint(tmp_path / "refine.ckpt")
+    assert torch.allclose(loaded.refine_step(z[:64], labels[:64], positions[:64], 2, mode="map"), batch)
+
+
+def test_map_mode_needs_a_fitted_map(gmm_generator: Path) -> None:
+    module = OTRefinement(str(gmm_generator), map_pool_samples=0)
+    with pytest.raises(ValueError, match="refine='map' needs the entropic map"):
+        module.generate(torch.arange(2), refine="map")

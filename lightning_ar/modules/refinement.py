@@ -4,11 +4,16 @@ This is this project's concrete reading of the condition refinement of Zhou, Li 
 Algorithm 1 is not public. ``fit`` first estimates the ideal conditions by teacher forcing on real data (a
 :class:`ConditionBank` per AR step from the training split, and a held-out bank from the validation split used only
 for measuring), then (optional) trains an :class:`AmortizedRefiner` with the same objective on conditions produced by
-the generator's own sampling. ``test``/``predict`` generate with refinement mode ``none``, ``flow`` or ``amortized``.
+the generator's own sampling. At the end of the bank phase the batch-independent entropic map
+(:mod:`lightning_ar.nn.entropic_map`) is fitted per AR step between a pool of the generator's own conditions
+(``map_pool_samples`` sequences, on-policy) and the bank. ``test``/``predict`` generate with refinement mode
+``none``, ``flow``, ``map`` or ``amortized``.
 """
 
 from __future__ import annotations
 
+import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -31,17 +36,18 @@ from lightning_ar.checkpoints.loading import (
 from lightning_ar.modules.causal_ar import CausalARGenerator
 from lightning_ar.modules.generator import MARGenerator
 from lightning_ar.modules.utils import check_finite_hparams, default
+from lightning_ar.nn.entropic_map import EntropicMap, MapSettings
 from lightning_ar.nn.mar import patchify
 from lightning_ar.nn.masking import cosine_schedule
 from lightning_ar.nn.refine import AmortizedRefiner, ConditionBank
-from lightning_ar.nn.refiners import AmortizedHook, FlowRefiner, FlowSettings, labelled_divergence
+from lightning_ar.nn.refiners import AmortizedHook, FlowRefiner, FlowSettings, MapFitter, MapHook, labelled_divergence
 from lightning_ar.nn.teacher_forcing import teacher_forced_conditions
 from lightning_ar.nn.trace import GenerationTrace
 from lightning_ar.progress import default_progress
 from lightning_ar.theory.conditions import measurement_blur
 from lightning_ar.theory.grouped_sinkhorn import group_clouds, grouped_divergence
 
-MODES = ("none", "flow", "amortized")
+MODES = ("none", "flow", "map", "amortized")
 
 
 @contextmanager
@@ -112,14 +118,27 @@ class OTRefinement(L.LightningModule):
         refiner_hidden: Hidden width of the amortised refiner.
         refiner_depth: Hidden layers of the amortised refiner.
         refiner_sampling_steps: Head denoising steps of the generations that train the amortised refiner.
-        mode: Default refinement mode of ``generate``/``predict``: ``none``, ``flow`` or ``amortized``.
+        map_pool_samples: Sequences generated (one batch, on-policy) to fit the entropic map at the end of the bank
+            phase; 0 (default) skips the map. A step that predicts ``n`` tokens per sequence gets
+            ``n * map_pool_samples`` pool conditions, subsampled to ``map_pool_size``.
+        map_pool_size: Pool conditions kept per AR step (map buffers: ``[num_iter, map_pool_size, D + L]``).
+        map_blur_fraction: Blur of the map as a fraction of the bank's within-(class, position) RMS spread. 2.0 was
+            chosen on the null test alone (an exploration on gmm R0 seed 0, AR step 3, pool and bank of 16,000: it
+            moved conditions by 0.061x their spread at 2.0 and 0.112x at 1.0; the limit is 0.1); a smaller blur
+            resolves finer errors but needs larger pools.
+        map_position_weight: Weight of the position one-hot in the map's cost (0: positions are not labelled;
+            transport never crosses classes).
+        map_debias: Subtract the pool's self-transport (the map then leaves a pool drawn from the target alone).
+        map_sampling_steps: Head denoising steps of the pool's generation (``None``: the generator's).
+        mode: Default refinement mode of ``generate``/``predict``: ``none``, ``flow``, ``map`` or ``amortized``.
         seed: Seed of teacher forcing and of the flow's target subsampling.
         optimizer: Optimizer factory for the amortised refiner (default AdamW, lr 1e-3).
         generator_hparams: Set automatically (the generator's hyper-parameters, to rebuild it from a checkpoint).
     """
 
     # Options that define the module's buffers and networks: a checkpoint's values win.
-    ARCHITECTURE = ("bank_capacity", "heldout_capacity", "null_bank", "refiner_hidden", "refiner_depth")
+    ARCHITECTURE = ("bank_capacity", "heldout_capacity", "null_bank", "refiner_hidden", "refiner_depth",
+                    "map_pool_size")
 
     def __init__(
         self,
@@ -142,6 +161,12 @@ class OTRefinement(L.LightningModule):
         refiner_hidden: int = 256,
         refiner_depth: int = 2,
         refiner_sampling_steps: int = 20,
+        map_pool_samples: int = 0,
+        map_pool_size: int = 4096,
+        map_blur_fraction: float = 2.0,
+        map_position_weight: float = 0.0,
+        map_debias: bool = True,
+        map_sampling_steps: int | None = None,
         mode: str = "flow",
         seed: int = 0,
         optimizer: OptimizerCallable | None = None,
@@ -165,6 +190,11 @@ class OTRefinement(L.LightningModule):
         self.heldout = ConditionBank(num_iter, heldout_capacity, width)
         self.null = ConditionBank(num_iter, bank_capacity, width) if null_bank else None
         self.refiner = AmortizedRefiner(width, num_iter, gen.hparams.num_classes, refiner_hidden, refiner_depth)
+        if map_pool_samples < 0 or map_pool_size < 1:
+            raise ValueError("model.map_pool_samples must be >= 0 and model.map_pool_size >= 1")
+        settings = MapSettings(blur_fraction=map_blur_fraction, position_weight=map_position_weight, debias=map_debias)
+        self.entropic_map = EntropicMap(num_iter, bank_capacity, map_pool_size, width, gen.seq_len, settings)
+        self.map_fit_stats: dict[str, Any] = {}
         self.optimizer_factory = optimizer
         self.last_generation_stats: dict[str, float] = {}
 
@@ -206,6 +236,45 @@ class OTRefinement(L.LightningModule):
 
     def _bank_phase(self) -> bool:
         return self.current_epoch < self.hparams.bank_epochs
+
+    def on_train_epoch_end(self) -> None:
+        """After the last bank epoch: fit the entropic map (``map_pool_samples > 0``)."""
+        if self.current_epoch == self.hparams.bank_epochs - 1 and self.hparams.map_pool_samples > 0:
+            stats = self.fit_map()
+            self.log("refine/map_marginal_error", stats["max_marginal_error"], batch_size=1)
+            self.log("refine/map_fit_seconds", stats["seconds"], batch_size=1)
+
+    @torch.no_grad()
+    def fit_map(self, num_samples: int | None = None, seed: int | None = None) -> dict[str, Any]:
+        """Fit the entropic map of every AR step on the generator's own sampling (one batch, on-policy).
+
+        ``num_samples`` balanced labels (default ``map_pool_samples``) are generated with a :class:`MapFitter`
+        hook: at step ``k`` the map is fitted between that step's conditions and bank bucket ``k``, then applied,
+        so later steps see refined contexts. Returns (and keeps in ``map_fit_stats``) the pool size and marginal
+        error of each step, and the seconds spent. Every rank fits the same map (same seed).
+        """
+        num_samples = default(num_samples, self.hparams.map_pool_samples)
+        if num_samples < 1:
+            raise ValueError(f"fit_map needs num_samples >= 1, got {num_samples}")
+        start = time.perf_counter()
+        labels = torch.arange(num_samples, device=self.device) % self._num_classes
+        generator = torch.Generator(self.device).manual_seed(default(seed, self.hparams.seed) * 7907 + 17)
+        fitter = MapFitter(self.entropic_map, self.bank, self.entropic_map.pool.shape[1], generator)
+        self.mar_generator.generate(labels, generator=generator, refiner=fitter, progress=False,
+                                    num_sampling_steps=self.hparams.map_sampling_steps)
+        errors = list(fitter.marginal_errors.values())
+        loose = {k: round(e, 4) for k, e in fitter.marginal_errors.items() if e > self.entropic_map.settings.tolerance}
+        if loose:
+            warnings.warn(f"entropic map: Sinkhorn stopped at max_iter above its tolerance "
+                          f"{self.entropic_map.settings.tolerance} (L1 marginal error per AR step {loose}); the map "
+                          "is usable, a larger model.map_blur_fraction converges faster", stacklevel=2)
+        if fitter.missing_classes:
+            warnings.warn(f"entropic map: classes with no bank conditions are left unrefined (AR step: classes "
+                          f"{fitter.missing_classes}); fill the bank with more data", stacklevel=2)
+        self.map_fit_stats = {"pool_sizes": dict(fitter.pool_sizes), "marginal_errors": dict(fitter.marginal_errors),
+                              "max_marginal_error": max(errors) if errors else 0.0,
+                              "seconds": time.perf_counter() - start, "num_samples": num_samples}
+        return self.map_fit_stats
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         if self._bank_phase():
@@ -251,13 +320,19 @@ class OTRefinement(L.LightningModule):
         return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
 
     # ------------------------------------------------------------------------------------------ sampling
-    def _hook(self, mode: str, record_trace: bool = False) -> FlowRefiner | AmortizedHook | None:
+    def _hook(self, mode: str, record_trace: bool = False) -> FlowRefiner | MapHook | AmortizedHook | None:
         if mode not in MODES:
             raise ValueError(f"refine must be one of {MODES}, got {mode!r}")
         if mode == "none":
             return None
         if mode == "amortized":
             return AmortizedHook(self.refiner)
+        if mode == "map":
+            unfitted = [k for k in range(self.entropic_map.num_steps) if not self.entropic_map.fitted(k)]
+            if unfitted:
+                raise ValueError(f"refine='map' needs the entropic map, unfitted at AR steps {unfitted}: fit the "
+                                 "refinement with model.map_pool_samples > 0 (or call OTRefinement.fit_map)")
+            return MapHook(self.entropic_map)
         return FlowRefiner(self.bank, self.flow, self._num_classes, self.mar_generator.seq_len,
                            self.hparams.seed, self.null, record_trace)
 
@@ -346,6 +421,8 @@ class OTRefinement(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with a clear message, a bank built for another generator (other width or step count)."""
         state = checkpoint.get("state_dict", {})
+        for name, value in self.entropic_map.state_dict(prefix="entropic_map.").items():
+            state.setdefault(name, value)  # a checkpoint from before the map: the map is unfitted
         for name, bank in (("bank", self.bank), ("heldout", self.heldout)):
             saved = state.get(f"{name}.conditions")
             if saved is not None and tuple(saved.shape) != tuple(bank.conditions.shape):

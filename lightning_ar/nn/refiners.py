@@ -1,6 +1,7 @@
-"""Sampler hooks that refine the conditions of each AR step: the Sinkhorn flow and the amortised refiner.
+"""Sampler hooks that refine the conditions of each AR step: the Sinkhorn flow, the entropic map, the amortised
+refiner, and the hook that fits the map on the generator's own sampling.
 
-Both follow :class:`~lightning_ar.nn.sampler.ConditionRefiner` and keep per-step statistics (inner-flow traces,
+All follow :class:`~lightning_ar.nn.sampler.ConditionRefiner` and keep per-step statistics (inner-flow traces,
 seconds spent) that the caller copies into a :class:`~lightning_ar.nn.trace.GenerationTrace`.
 """
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lightning_ar.nn.entropic_map import EntropicMap
 from lightning_ar.nn.refine import (
     AmortizedRefiner,
     ConditionBank,
@@ -162,5 +164,60 @@ class AmortizedHook:
     def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
         start = time.perf_counter()
         out = self.refiner(z, labels, step)
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+
+class MapHook:
+    """Applies a fitted :class:`~lightning_ar.nn.entropic_map.EntropicMap`: each condition is refined on its own,
+    whatever else its sampling batch holds."""
+
+    def __init__(self, entropic_map: EntropicMap) -> None:
+        self.map, self.stats, self.refine_null = entropic_map, HookStats(), False
+
+    @torch.no_grad()
+    def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
+        start = time.perf_counter()
+        out = self.map(z, labels, positions, step)
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+
+class MapFitter:
+    """Sampler hook that fits the map of each AR step on the conditions it is handed, then applies it.
+
+    Run over one large batch of the generator's own sampling, the pool of step ``k`` is produced with the fitted
+    map already active at steps ``< k`` (on-policy). At most ``pool_size`` conditions per step are kept (a uniform
+    subsample, ``generator``).
+
+    Args:
+        entropic_map: The map to fit (its buffers are overwritten step by step).
+        bank: Ideal conditions per AR step (the targets).
+        pool_size: Pool points kept per step.
+        generator: RNG of the subsampling.
+    """
+
+    def __init__(self, entropic_map: EntropicMap, bank: ConditionBank, pool_size: int,
+                 generator: torch.Generator | None = None) -> None:
+        self.map, self.bank, self.pool_size, self.generator = entropic_map, bank, pool_size, generator
+        self.refine_null, self.stats = False, HookStats()
+        self.marginal_errors: dict[int, float] = {}
+        self.pool_sizes: dict[int, int] = {}
+        self.missing_classes: dict[int, list[int]] = {}  # classes of the pool with no bank conditions (left as is)
+
+    @torch.no_grad()
+    def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
+        start = time.perf_counter()
+        keep = torch.arange(len(z), device=z.device)
+        if len(z) > self.pool_size:
+            device = self.generator.device if self.generator is not None else "cpu"
+            keep = torch.randperm(len(z), generator=self.generator, device=device)[: self.pool_size].to(z.device)
+        target = tuple(t.to(z.device) for t in self.bank.get(step))
+        missing = sorted(set(labels.tolist()) - set(target[1].tolist()))
+        if missing:
+            self.missing_classes[step] = missing
+        self.marginal_errors[step] = self.map.fit_step(step, (z[keep], labels[keep], positions[keep]), target)
+        self.pool_sizes[step] = len(keep)
+        out = self.map(z, labels, positions, step)
         self.stats.seconds += time.perf_counter() - start
         return out

@@ -11,6 +11,7 @@ same generator seed.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,8 @@ def generate_trace(module: nn.Module, labels: Tensor, cfg: float, generator: tor
     """``module.generate`` with a trace (on the CPU)."""
     trace = GenerationTrace()
     hook = {} if refiner is None else {"refiner": refiner}  # a CDM's generate has no refinement hook
+    if "progress" in inspect.signature(module.generate).parameters:
+        hook["progress"] = False
     module.generate(labels, cfg=cfg, generator=generator, trace=trace, **hook)
     return trace
 

@@ -1,0 +1,342 @@
+"""OT refinement variants judged on gmm ground truth (issue 15, first part): none, the old flow, the entropic map,
+and the control "shrink toward the group mean with the flow's step", on the core study's R0 and R1 checkpoints.
+
+For each (regime, seed) this builds an ``OTRefinement`` of the trained generator (banks by teacher forcing on the
+train split, the batch-independent entropic map fitted on ``--pool-samples`` sequences of the generator's own
+sampling), then generates the same labels with the same seed under every variant and scores each per AR step with
+:func:`lightning_ar.theory.ground_truth.trace_truth`; the real-context arm ``tf`` gives the GEN - TF gap. On the first
+seed of each regime it also runs the null test of the map on the real model (a map fitted with a pool of
+teacher-forced conditions, i.e. nothing to fix, applied to held-out ideal conditions) and of the old flow.
+
+Pre-registered (issue 15, before the run; ``CRITERIA`` below): per regime, a gap exists when GEN - TF of the late-step
+KL is resolved (bootstrap CI excludes 0) and exceeds 3 bootstrap SE. WORKING: a variant closes >= 25% of it and lowers
+the sequence excess NLL by more than 2 paired SE, and beats the shrink control. NOT WORKING: the gap exists and no
+variant closes more than 10%. VACUOUS: no gap. Whatever the verdict, a variant that raises the sequence excess NLL
+(CI above 0) is reported as harmful.
+
+    python benchmarks/condition_error_study.py --tier core --jobs 2    # first: the checkpoints
+    python benchmarks/refinement_study.py --jobs 2                     # ~25 min on 2 cores
+
+Resumable: each (regime, seed) writes ``arms.npz`` + ``info.json`` under ``--out``; delete them to redo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from lightning_ar.io import atomic_write_text  # noqa: E402
+
+VARIANTS = ("none", "flow", "map", "shrink")
+REGIMES = ("R0", "R1")
+SEEDS = (0, 1, 2)
+CRITERIA = {
+    "gap_resolved": "GEN - TF late-step KL: CI excludes 0 and value > 3 SE",
+    "working": "closes >= 25% of the gap, lowers sequence excess NLL by > 2 paired SE, beats the shrink control",
+    "not_working": "gap exists and no variant closes > 10%",
+    "vacuous": "no gap resolved",
+    "null_test": "map moves conditions drawn from its target by < 0.1x their within-group spread (every step >= 1)",
+}
+
+
+class ShrinkControl:
+    """``c <- (1 - eta) c + eta * mean_group(bank)``: the old flow's step on a lone condition, with the bank's
+    (class, position) group mean computed once (batch-independent); groups absent from the bank are left alone."""
+
+    def __init__(self, bank, seq_len: int, eta: float) -> None:
+        import torch
+
+        self.means, self.eta, self.seq_len, self.refine_null = {}, eta, seq_len, False
+        for k in range(bank.num_buckets):
+            z, labels, positions = bank.get(k)
+            groups = labels * seq_len + positions
+            ids, inverse = torch.unique(groups, return_inverse=True)
+            sums = torch.zeros(len(ids), z.shape[1]).index_add_(0, inverse, z)
+            self.means[k] = (ids, sums / torch.bincount(inverse)[:, None])
+
+    def __call__(self, z, labels, positions, step):
+        import torch
+
+        ids, means = self.means[step]
+        groups = labels * self.seq_len + positions
+        where = torch.searchsorted(ids, groups).clamp_max(len(ids) - 1)
+        found = ids[where] == groups
+        out = z.clone()
+        out[found] = (1 - self.eta) * z[found] + self.eta * means[where[found]]
+        return out
+
+
+def build_refinement(ckpt: Path, source, pool_samples: int, seed: int):
+    """The refinement of one checkpoint: banks from the train/val splits, the map fitted at the bank epoch's end."""
+    import lightning as L
+
+    from lightning_ar import LatentDataModule, OTRefinement
+    from lightning_ar.modules.generator import MARGenerator
+
+    gen = MARGenerator.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    module = OTRefinement(gen, source.latent_shape, source.num_classes, float(gen.hparams.latent_scale),
+                          bank_capacity=8192, heldout_capacity=2048, teacher_passes=4, map_pool_samples=pool_samples,
+                          map_pool_size=8192, map_blur_fraction=2.0, seed=seed)
+    dm = LatentDataModule(source, batch_size=256)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(module, dm)
+    return module, gen, dm
+
+
+def null_tests(module, source, seed: int) -> dict:
+    """Null test of the map (pool and target both ideal conditions) and of the old flow, per AR step >= 1."""
+    import torch
+
+    from lightning_ar.nn.entropic_map import EntropicMap
+    from lightning_ar.nn.mar import patchify
+    from lightning_ar.nn.teacher_forcing import masked_before, teacher_forced_conditions
+    from lightning_ar.theory.dispersion import null_test
+
+    gen = module.mar_generator
+    latents, labels = source.split("train")
+    tokens = patchify(latents * float(gen.hparams.latent_scale), gen.hparams.patch_size)
+    null_map = EntropicMap(len(module.schedule), module.bank.capacity, 8192, gen.mar.width, gen.seq_len,
+                           module.entropic_map.settings)
+    out: dict = {"map": {}, "flow": {}}
+    rng = torch.Generator().manual_seed(10_000 + seed)
+    for k in range(1, len(module.schedule)):
+        pool = teacher_forced_conditions(gen.mar, tokens, labels, module.schedule, k, rng)  # other orders
+        keep = torch.randperm(len(pool.conditions), generator=rng)[:8192]
+        null_map.fit_step(k, (pool.conditions[keep], pool.labels[keep], pool.positions[keep]), module.bank.get(k))
+        z, lab, pos = module.heldout.get(k)
+        batch = 32 * (masked_before(module.schedule, k, gen.seq_len) - module.schedule[k])
+        for name, refine in (("map", null_map), ("flow", lambda *a: module.refine_step(*a, mode="flow"))):
+            r = null_test(refine, z, lab, pos, k, gen.seq_len, batch, torch.Generator().manual_seed(k))
+            out[name][k] = {"ratio": r.ratio, "dispersion_after": r.dispersion_after, "passes": r.passes}
+    return out
+
+
+def run_one(regime: str, seed: int, runs: Path, out: Path, pool_samples: int, num_samples: int) -> Path:
+    """Build, evaluate and save one (regime, seed); skipped when its ``info.json`` exists."""
+    import torch
+
+    torch.set_num_threads(1)
+    from condition_error_study import REGIMES as STUDY_REGIMES
+    from condition_error_study import load_run
+
+    from lightning_ar.theory.condition_errors import ConditionModel, teacher_forced_trace
+    from lightning_ar.theory.ground_truth import trace_truth
+    from lightning_ar.theory.truth_run import TruthSettings, generate_trace, labels_for
+    from lightning_ar.theory.truth_stats import save_arms
+
+    folder = out / regime / f"seed{seed}"
+    if (folder / "info.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt = runs / regime / f"seed{seed}" / "fit" / "version_0" / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt}: run `python benchmarks/condition_error_study.py --tier core` first")
+    _, source = load_run(ckpt, STUDY_REGIMES[regime])
+    start = time.perf_counter()
+    module, gen, _ = build_refinement(ckpt, source, pool_samples, seed)
+    info: dict = {"regime": regime, "seed": seed, "map_fit": module.map_fit_stats, "build_seconds":
+                  time.perf_counter() - start}
+    settings = TruthSettings(num_samples=num_samples, seed=seed)
+    labels, scale = labels_for(source, num_samples), float(gen.hparams.latent_scale)
+    hooks = {"none": None, "flow": module._hook("flow"), "map": module._hook("map"),
+             "shrink": ShrinkControl(module.bank, gen.seq_len, module.flow.eta)}
+    arms, seconds = {}, {}
+    for name, hook in hooks.items():
+        t0 = time.perf_counter()
+        trace = generate_trace(gen, labels, 1.0, settings.rng(0), hook)
+        seconds[name] = {"total": time.perf_counter() - t0,
+                         "refine": getattr(getattr(hook, "stats", None), "seconds", 0.0)}
+        arms[name] = trace_truth(source, trace, scale)
+        if name == "none":
+            real = source.to_tokens(source.sample(labels, settings.rng(1))) * scale
+            tf = teacher_forced_trace(ConditionModel.from_generator(gen), real, trace, settings.rng(2))
+            arms["tf"] = trace_truth(source, tf, scale, context=real)
+    info["seconds"] = seconds
+    if seed == SEEDS[0]:
+        info["null_tests"] = null_tests(module, source, seed)
+    save_arms(folder / "arms.npz", arms)
+    atomic_write_text(folder / "info.json", json.dumps(info, indent=1, default=float) + "\n")
+    return folder
+
+
+class _Stats:
+    """Paired bootstrap estimates over the stacked arms of one regime (late steps: the second half)."""
+
+    def __init__(self, arms: dict, num_seeds: int, bootstrap: int) -> None:
+        from lightning_ar.theory.bootstrap import Replicates
+
+        self.arms, self.num_seeds = arms, num_seeds
+        self.num_steps, self.n = len(arms["none"]), arms["none"][0].excess_joint.shape[1]
+        self.late = list(range(self.num_steps // 2, self.num_steps))
+        self.reps = Replicates.draw(num_seeds, self.n, bootstrap)
+
+    def est(self, fn) -> dict:
+        import numpy as np
+
+        from lightning_ar.theory.bootstrap import estimate
+
+        value = estimate(fn, self.num_seeds, self.n, self.reps)
+        value["se"] = float(np.std(fn(self.reps).cpu().numpy()))
+        return value
+
+    def kl(self, arm: str):
+        from lightning_ar.theory.truth_stats import arm_metric
+
+        return lambda r: arm_metric(self.arms[arm], "kl", r, self.late)
+
+    def dispersion(self, arm: str):
+        from lightning_ar.theory.truth_stats import arm_metric
+
+        return lambda r: arm_metric(self.arms[arm], "dispersion", r, self.late)
+
+    def seq(self, arm: str):
+        from lightning_ar.theory.truth_stats import sequence_excess
+
+        return lambda r: sequence_excess(self.arms[arm], r)
+
+    def diff(self, metric: str, a: str, b: str) -> dict:
+        fa, fb = getattr(self, metric)(a), getattr(self, metric)(b)
+        return self.est(lambda r: fa(r) - fb(r))
+
+
+def _verdict(reg: dict, gap: dict) -> str:
+    """The pre-registered verdict of one regime (``CRITERIA``)."""
+    if not ((gap["lo"] > 0 or gap["hi"] < 0) and abs(gap["value"]) > 3 * gap["se"]):
+        return "VACUOUS"
+    rows = reg["variants"]
+    winners = [v for v in ("flow", "map") if rows[v]["gap_closed"] >= 0.25
+               and -rows[v]["d_sequence_excess"]["value"] > 2 * rows[v]["d_sequence_excess"]["se"]
+               and rows[v]["d_late_kl"]["value"] < rows["shrink"]["d_late_kl"]["value"]]
+    if winners:
+        return f"WORKING ({', '.join(winners)})"
+    return "NOT WORKING" if max(rows[v]["gap_closed"] for v in ("flow", "map")) <= 0.10 else "not resolved"
+
+
+def summarise_regime(folders: list[Path], bootstrap: int) -> dict:
+    """Every variant's endpoints, paired differences to ``none``, the gap, verdict and null tests of one regime."""
+    import numpy as np
+
+    from lightning_ar.theory.truth_stats import load_arms, stack
+
+    loaded = [load_arms(f / "arms.npz") for f in folders]
+    infos = [json.loads((f / "info.json").read_text()) for f in folders]
+    st = _Stats({name: stack([run[name] for run in loaded]) for name in loaded[0]}, len(folders), bootstrap)
+    gap = st.diff("kl", "none", "tf")
+    reg: dict = {"seeds": [i["seed"] for i in infos], "samples": st.n, "late_steps": st.late, "gap_late_kl": gap,
+                 "variants": {}}
+    for v in VARIANTS:
+        row = {"sequence_excess": st.est(st.seq(v)), "late_kl": st.est(st.kl(v)),
+               "late_dispersion": st.est(st.dispersion(v))}
+        if v != "none":
+            row["d_sequence_excess"], row["d_late_kl"] = st.diff("seq", v, "none"), st.diff("kl", v, "none")
+            row["gap_closed"] = -row["d_late_kl"]["value"] / gap["value"] if gap["value"] else float("nan")
+            row["cost_share"] = float(np.mean([i["seconds"][v]["refine"] / i["seconds"][v]["total"] for i in infos]))
+        reg["variants"][v] = row
+    reg["verdict"] = _verdict(reg, gap)
+    reg["harmful"] = [v for v in VARIANTS if v != "none" and reg["variants"][v]["d_sequence_excess"]["lo"] > 0]
+    nulls = [i["null_tests"] for i in infos if "null_tests" in i]
+    reg["null_tests"] = nulls[0] if nulls else None
+    reg["map_fit"] = [i["map_fit"] for i in infos]
+    return reg
+
+
+def summarise(out: Path, results: Path, bootstrap: int = 1000) -> dict:
+    """Paired statistics over seeds per regime and the pre-registered verdicts; writes JSON + MD."""
+    summary: dict = {"criteria": CRITERIA, "variants": VARIANTS, "regimes": {}}
+    for regime in REGIMES:
+        folders = [out / regime / f"seed{s}" for s in SEEDS if (out / regime / f"seed{s}" / "info.json").is_file()]
+        if folders:
+            summary["regimes"][regime] = summarise_regime(folders, bootstrap)
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(results / "refinement-study-gmm.json", json.dumps(summary, indent=1, default=float) + "\n")
+    atomic_write_text(results / "refinement-study-gmm.md", markdown(summary))
+    return summary
+
+
+def _ci(e: dict, digits: int = 3) -> str:
+    return f"{e['value']:+.{digits}f} [{e['lo']:+.{digits}f}, {e['hi']:+.{digits}f}]"
+
+
+def markdown(summary: dict) -> str:
+    import numpy as np
+
+    lines = ["# OT refinement variants on gmm ground truth", "",
+             "Generated by `python benchmarks/refinement_study.py --jobs 2` (core-study checkpoints, cfg 1, 512 "
+             "samples per seed, same labels and seed for every variant; 95% paired bootstrap CIs over seeds and "
+             "samples).", "",
+             "Pre-registered criteria:", ""]
+    lines += [f"- **{k}**: {v}" for k, v in summary["criteria"].items()]
+    for regime, reg in summary["regimes"].items():
+        lines += ["", f"## {regime} (seeds {reg['seeds']}) - verdict: **{reg['verdict']}**", "",
+                  f"GEN - TF late-step KL (the accumulated condition error): {_ci(reg['gap_late_kl'])}, "
+                  f"SE {reg['gap_late_kl']['se']:.3f}. Harmful (sequence excess NLL raised, CI > 0): "
+                  f"{', '.join(reg['harmful']) or 'none'}.", "",
+                  "Sequence excess NLL in nats/dim (exact: 0); late KL: Gaussian KL of the whitened residuals"
+                  " to N(0, I), mean over the late steps; late dispersion: mean squared whitened residual"
+                  " (exact: 1).", "",
+                  "| variant | sequence excess NLL | vs none | late KL vs none | late dispersion | gap closed | "
+                  "refine share of sampling time |", "|---|---|---|---|---|---|---|"]
+        for v, row in reg["variants"].items():
+            d_seq = _ci(row["d_sequence_excess"]) if "d_sequence_excess" in row else ""
+            d_kl = _ci(row["d_late_kl"]) if "d_late_kl" in row else ""
+            closed = f"{row['gap_closed']:+.0%}" if "gap_closed" in row and reg["verdict"] != "VACUOUS" else \
+                ("n/a (no gap)" if "gap_closed" in row else "")
+            cost = f"{row['cost_share']:.1%}" if "cost_share" in row and v != "shrink" else ""
+            lines.append(f"| {v} | {_ci(row['sequence_excess'])} | {d_seq} | {d_kl} | "
+                         f"{row['late_dispersion']['value']:.3f} | {closed} | {cost} |")
+        if reg["null_tests"]:
+            lines += ["", "Null test (conditions drawn from the target; moved / within-group spread, dispersion "
+                      "after / before), per AR step:", "", "| step | map | flow (old) |", "|---|---|---|"]
+            for k in reg["null_tests"]["map"]:
+                m, f = reg["null_tests"]["map"][k], reg["null_tests"]["flow"][k]
+                lines.append(f"| {k} | {m['ratio']:.3f} ({m['dispersion_after']:.2f}) | "
+                             f"{f['ratio']:.3f} ({f['dispersion_after']:.2f}) |")
+        fits = reg["map_fit"]
+        lines += ["", f"Map fit: {fits[0]['num_samples']} pool sequences; max L1 marginal error "
+                  f"{max(f['max_marginal_error'] for f in fits):.2e}; {np.mean([f['seconds'] for f in fits]):.0f} s "
+                  "per fit (one thread)." if fits else ""]
+    cost = REPO / "benchmarks" / "results" / "entropic-map-cost.json"
+    if cost.is_file():
+        c = json.loads(cost.read_text())
+        lines += ["", "The map's share above was measured with the first implementation, which scored every condition "
+                  "against all classes' points and masked; applying it class by class (the committed code, the same "
+                  f"arithmetic per class) takes {c['map_seconds_512_sequences']:.2f} s per 512 sequences "
+                  f"{c['map_share_of_sampling_time']:.1%} of sampling time (`python benchmarks/entropic_map_cost.py "
+                  "--study outputs/refinement_study`, `entropic-map-cost.json`)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=str(REPO / "outputs" / "condition_error_study" / "core"),
+                        help="the core study's work folder (its checkpoints)")
+    parser.add_argument("--out", default=str(REPO / "outputs" / "refinement_study"))
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--pool-samples", type=int, default=8192)
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES))
+    parser.add_argument("--summarise-only", action="store_true")
+    opts = parser.parse_args(argv)
+    out, runs = Path(opts.out), Path(opts.runs)
+    if not opts.summarise_only:
+        tasks = [(r, s) for s in SEEDS for r in opts.regimes]
+        with ProcessPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+            futures = [pool.submit(run_one, r, s, runs, out, opts.pool_samples, opts.samples) for r, s in tasks]
+            for f in futures:
+                print(f"done: {f.result()}", flush=True)
+    summary = summarise(out, Path(opts.results))
+    print(json.dumps({r: {"verdict": g["verdict"], "harmful": g["harmful"]} for r, g in summary["regimes"].items()}))
+
+
+if __name__ == "__main__":
+    main()
