@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,6 +19,16 @@ def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep the digits classifier of the tests in one temporary cache (trained once per session)."""
     os.environ.setdefault("LIGHTNING_AR_CACHE", str(tmp_path_factory.mktemp("lightning_ar_cache")))
     torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test (tiny tensors: two threads contend on a busy 2-core machine; and CPU results
+    that are compared byte for byte change in the last bits with the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ independence, injected errors recovered, storage in a module's state dict."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,13 +19,7 @@ from lightning_ar.nn.entropic_map import (
     within_group_spread,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny clouds, one torch thread
 
 
 def _uniform(n: int) -> torch.Tensor:

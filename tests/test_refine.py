@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -18,14 +16,7 @@ from lightning_ar.nn.refine import (
     sinkhorn_flow,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These clouds are tiny: one thread is fastest, and two contend badly on a busy 2-core machine (16x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny clouds, one torch thread
 
 
 def gaussian(n: int, mean: tuple[float, ...], std: float, seed: int) -> torch.Tensor:

@@ -111,7 +111,7 @@ def solve_entropic_ot(x: Tensor, y: Tensor, a: Tensor, b: Tensor, blur: float, s
         max_iter: Alternating updates at the final ``eps``, at most.
 
     Returns:
-        :class:`SinkhornSolution` (float64 potentials would not change the map: float32 is kept).
+        :class:`SinkhornSolution` (float32 potentials).
     """
     if not blur > 0:
         raise ValueError(f"blur must be > 0, got {blur}")
