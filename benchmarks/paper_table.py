@@ -40,7 +40,7 @@ from lightning_ar.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATORS = {"CDM": "cdm.yaml", "MAR": "mar.yaml", "AR": "ar.yaml"}
-REFINED = {"MAR+OT": ("MAR", "refine.yaml"), "AR+OT": ("AR", "refine_ar.yaml")}
+REFINED = {"MAR+OT": ("MAR", ("refine.yaml",)), "AR+OT": ("AR", ("refine.yaml", "refine_ar.yaml"))}  # refine_ar: overlay
 ROWS = ("CDM", "MAR", "MAR+OT", "AR", "AR+OT")
 METRICS = ("fid", "kid", "cond_acc", "sec_per_image")
 SAMPLE_METRICS = ("fid", "kid", "cond_acc", "copy_fraction", "nn_ratio")  # recomputed from the saved samples
@@ -128,7 +128,7 @@ def _row_configs(row: str, opts: argparse.Namespace) -> tuple[str, list[Path]]:
         overlay = [Path(opts.generator_overlay)] if opts.generator_overlay else []
         return row.lower(), [configs / GENERATORS[row], *overlay]
     overlay = [Path(opts.refine_overlay)] if opts.refine_overlay else []
-    return row.lower().replace("+", "_"), [configs / REFINED[row][1], *overlay]
+    return row.lower().replace("+", "_"), [*(configs / name for name in REFINED[row][1]), *overlay]
 
 
 def _test_task(row: str, seed: int, ckpt: Path, opts: argparse.Namespace) -> Callable[[], dict]:
@@ -367,7 +367,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--bootstrap must be >= 10, got {opts.bootstrap}")
     if opts.max_steps is not None and opts.max_steps < 1:
         parser.error(f"--max-steps must be >= 1, got {opts.max_steps}")
-    for name in [*GENERATORS.values(), *(c for _, c in REFINED.values())]:
+    for name in [*GENERATORS.values(), *(c for _, names in REFINED.values() for c in names)]:
         if not (Path(opts.configs) / name).is_file():
             parser.error(f"--configs: {Path(opts.configs) / name} does not exist")
     for flag, path in (("--generator-overlay", opts.generator_overlay), ("--refine-overlay", opts.refine_overlay)):

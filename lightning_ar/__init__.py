@@ -9,7 +9,9 @@ from lightning_ar.callbacks import (
     SinkhornDivergenceMonitor,
 )
 from lightning_ar.checkpoints import AtomicCheckpointIO, CheckpointError, import_mar_checkpoint
+from lightning_ar.checkpoints.convert_vae import convert_ldm_kl16, save_converted_vae
 from lightning_ar.config_files import config_path
+from lightning_ar.contracts import Generator, HeadGenerator, Refinement, TokenGenerator
 from lightning_ar.data import (
     CacheSource,
     DigitsSource,
@@ -17,13 +19,18 @@ from lightning_ar.data import (
     KroneckerConditional,
     LatentDataModule,
     LatentSource,
-    convert_ldm_kl16,
     load_vae,
     validate_cache,
 )
 from lightning_ar.errors import UsageError
-from lightning_ar.metrics import ImageQualityEvaluator, ReferenceStatsFID, evaluate_npz
-from lightning_ar.modules import CausalARGenerator, ConditionalDiffusion, MARGenerator, OTRefinement
+from lightning_ar.metrics import (
+    ImageQualityEvaluator,
+    ReferenceStatsFID,
+    evaluate_npz,
+    evaluator_for,
+    register_evaluator,
+)
+from lightning_ar.modules import CausalARGenerator, ConditionalDiffusion, DiffusionGenerator, MARGenerator, OTRefinement
 from lightning_ar.nn import (
     ConditionStats,
     ContextShuffle,
@@ -32,6 +39,7 @@ from lightning_ar.nn import (
     GenerationTrace,
     MaskedAutoregressiveTransformer,
     MeanBias,
+    SamplingOptions,
     StepRecord,
 )
 from lightning_ar.nn.entropic_map import EntropicMap, MapSettings, solve_entropic_ot
@@ -58,12 +66,21 @@ __all__ = [
     "ReferenceStatsFID",
     "config_path",
     "convert_ldm_kl16",
+    "save_converted_vae",
     "evaluate_npz",
+    "evaluator_for",
+    "register_evaluator",
     "import_mar_checkpoint",
     "load_vae",
     "validate_cache",
     "AmortizedRefiner",
     "CausalARGenerator",
+    "DiffusionGenerator",
+    "Generator",
+    "HeadGenerator",
+    "Refinement",
+    "TokenGenerator",
+    "SamplingOptions",
     "ConditionalDiffusion",
     "ConditionBank",
     "ConditionalScoreNormMonitor",

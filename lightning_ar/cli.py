@@ -12,7 +12,6 @@ version, and is an error when there is none. Checkpoints are written atomically 
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 import sys
 from argparse import RawDescriptionHelpFormatter
@@ -33,6 +32,7 @@ from lightning_ar.checkpoints.precedence import (
     architecture_options,
     check_checkpoint_class,
     checkpoint_overrides,
+    init_options,
 )
 from lightning_ar.checkpoints.resume import resume_last
 from lightning_ar.config_check import check_config_files
@@ -49,7 +49,7 @@ SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
 TOOLS: dict[str, tuple[str, str]] = {
     "cache": ("lightning_ar.data.cache:cache_main", "encode an ImageFolder with a VAE into a latent cache"),
     "import-mar": ("lightning_ar.checkpoints.import_mar:import_main", "convert an official MAR checkpoint"),
-    "convert-vae": ("lightning_ar.data.vae:convert_main", "convert MAR's KL-16 VAE to a diffusers directory"),
+    "convert-vae": ("lightning_ar.checkpoints.convert_vae:convert_main", "convert MAR's KL-16 VAE to a diffusers dir"),
     "evaluate": ("lightning_ar.metrics.evaluate:evaluate_main", "FID/IS/precision/recall of an ADM .npz"),
     "demo": ("lightning_ar.demo:main", "train, evaluate and refine on the embedded digits (what `make demo` runs)"),
     "configs": ("lightning_ar.config_files:configs_main", "where the shipped configs are (also when installed)"),
@@ -101,7 +101,7 @@ class LightningARCLI(LightningCLI):
         model_class = resolve_class(class_path)
         if model_class is None:
             raise UsageError(f"--ckpt_path {ckpt_path}: its model class {class_path} cannot be imported")
-        known = set(inspect.signature(model_class.__init__).parameters) - {"self"}
+        known = init_options(model_class)
         overrides, ignored = checkpoint_overrides(
             ckpt.get("hyper_parameters") or {}, self._explicit_model_options(sub), known,
             architecture_options(model_class), ckpt_path,

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from lightning_ar import CausalARGenerator, ConditionalDiffusion, GenerationTrace, MARGenerator, OTRefinement
+from lightning_ar.checkpoints.loading import CheckpointError, record_class
 from lightning_ar.cli import build_cli, main
 from lightning_ar.theory.measures import score_norms
 
@@ -38,8 +39,8 @@ def test_kv_cache_and_recompute_give_identical_tokens(order: str) -> None:
     traces = {}
     for use_cache in (True, False):
         traces[use_cache] = GenerationTrace()
-        out = model.generate(labels, cfg=2.0, generator=torch.Generator().manual_seed(0), trace=traces[use_cache],
-                             use_cache=use_cache)
+        model.use_cache = use_cache
+        out = model.generate(labels, cfg=2.0, generator=torch.Generator().manual_seed(0), trace=traces[use_cache])
         traces[use_cache].latents = out
     torch.testing.assert_close(traces[True].latents, traces[False].latents, rtol=0, atol=1e-5)
     steps = traces[True].steps
@@ -75,8 +76,12 @@ def test_causal_training_step_learns() -> None:
 def test_ot_refinement_applies_to_the_causal_generator(tmp_path: Path) -> None:
     gen = _tiny_ar(latent_scale=1.0)
     path = tmp_path / "ar.ckpt"
-    torch.save({"state_dict": gen.state_dict(), "hyper_parameters": dict(gen.hparams), "pytorch-lightning_version":
-                "2.6.0"}, path)
+    ckpt = {"state_dict": gen.state_dict(), "hyper_parameters": dict(gen.hparams), "pytorch-lightning_version": "2.6.0"}
+    torch.save(ckpt, tmp_path / "unrecorded.ckpt")
+    with pytest.raises(CheckpointError, match="unrecorded.ckpt holds no MARGenerator hyper-parameters.*'order'"):
+        OTRefinement(str(tmp_path / "unrecorded.ckpt"))  # no class recorded: read as MAR's, refused, not guessed
+    record_class(gen, ckpt)  # what on_save_checkpoint writes into every checkpoint Lightning saves
+    torch.save(ckpt, path)
     ref = OTRefinement(str(path), bank_capacity=64, heldout_capacity=32, teacher_passes=1, target_size=32)
     assert isinstance(ref.mar_generator, CausalARGenerator) and len(ref.schedule) == 16
     g = torch.Generator().manual_seed(0)
@@ -186,10 +191,10 @@ def test_variant_trains_and_samples_through_the_cli(variant: str, tmp_path: Path
     row = _results(tmp_path, variant, "test")["default"]
     assert row["num_samples"] > 0 and 0.0 <= row["cond_acc"] <= 1.0 and row["fid"] > 0
     if variant == "ar":  # AR + OT: refine the trained causal generator and test the refinement modes
-        refine = str(REPO / "configs/digits/refine_ar.yaml")
-        main(_args("fit", [refine, DEBUG_REFINE], tmp_path, "fit", "--model.init_args.generator", str(ckpt)))
+        refine = [str(REPO / "configs/digits/refine.yaml"), str(REPO / "configs/digits/refine_ar.yaml")]  # + overlay
+        main(_args("fit", [*refine, DEBUG_REFINE], tmp_path, "fit", "--model.init_args.generator", str(ckpt)))
         refined = tmp_path / "refine_ar" / "fit" / "checkpoints" / "last.ckpt"
-        main(_args("test", [refine, DEBUG_REFINE], tmp_path, "test", "--ckpt_path", str(refined)))
+        main(_args("test", [*refine, DEBUG_REFINE], tmp_path, "test", "--ckpt_path", str(refined)))
         results = _results(tmp_path, "refine_ar", "test")
         assert {"none", "flow", "amortized"} <= set(results)
         assert results["flow"]["num_samples"] > 0

@@ -125,19 +125,19 @@ def test_resume_skips_complete_shards_and_redoes_broken_ones(assets: Path, cache
 def test_ddp_cache_killed_then_resumed_equals_single_run(assets: Path, cache_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "cache_ddp"
     opts = _options(assets, out)
-    argv = [sys.executable, "-m", "lightning_ar.cli", "cache", *[f"--{k}={v}" for k, v in opts.items()],
-            "--devices=2", "--strategy=ddp"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "LIGHTNING_AR_CACHE_TEST_KILL_AFTER": "1"}
-    killed = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+    args = ["cache", *[f"--{k}={v}" for k, v in opts.items()], "--devices=2", "--strategy=ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "KILL_AFTER_SHARDS": "1"}
+    killer = [sys.executable, str(REPO / "tests" / "helpers" / "kill_after_shards.py")]  # patches ShardWriter
+    killed = subprocess.run([*killer, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
                             start_new_session=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (out / "meta.json").exists()
     assert 1 <= len(list(out.glob("shard_*.labels.npy"))) < math.ceil(N / SHARD)
     with pytest.raises(FileNotFoundError, match="meta.json"):
         validate_cache(out)
-    del env["LIGHTNING_AR_CACHE_TEST_KILL_AFTER"]
-    done = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          start_new_session=True)
+    del env["KILL_AFTER_SHARDS"]
+    done = subprocess.run([sys.executable, "-m", "lightning_ar.cli", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300, start_new_session=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"cached {N} images to {out} (" in done.stdout and "latent scale" in done.stdout
     validate_cache(out, check_values=True)

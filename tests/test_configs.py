@@ -12,6 +12,7 @@ from lightning_ar.cli import build_cli
 
 REPO = Path(__file__).resolve().parents[1]
 OVERLAYS = {"debug.yaml", "debug_refine.yaml"}
+BASES = {"refine_ar.yaml": "refine.yaml"}  # overlays of another shipped config of the same folder
 # ImageNet configs need a latent cache on disk; tests/test_import_mar.py parses them.
 CONFIGS = sorted(
     p for p in (REPO / "configs").rglob("*.yaml") if p.name not in OVERLAYS and not p.parent.name.startswith("imagenet")
@@ -28,6 +29,8 @@ def test_configs_found() -> None:
 def test_config_instantiates(config: Path, debug: bool, tmp_path: Path) -> None:
     refine = config.name.startswith("refine")
     args = ["--config", str(config)]
+    if config.name in BASES:
+        args = ["--config", str(config.parent / BASES[config.name]), *args]
     if debug:
         args += ["--config", str(REPO / "configs" / ("debug_refine.yaml" if refine else "debug.yaml"))]
     if refine:

@@ -18,7 +18,7 @@ import yaml
 from conftest import save_generator_checkpoint
 from omegaconf import OmegaConf
 
-from lightning_ar import MARGenerator, OTRefinement
+from lightning_ar import MARGenerator, OTRefinement, SamplingOptions
 from lightning_ar.checkpoints import MAR_LATENT_SCALE, MARSize, convert_state_dict, import_mar_checkpoint
 from lightning_ar.cli import _register_resolvers, build_cli, main
 
@@ -292,8 +292,8 @@ def test_imported_head_samples_as_mar_respaced_ddpm(tiny_import) -> None:
     g = torch.Generator().manual_seed(5)
     z, z_null = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g)
     with torch.no_grad():
-        ours = gen.head.sample(z, z_null, cfg=2.5, temperature=0.9, sampler="ddpm", num_steps=steps,
-                               generator=torch.Generator().manual_seed(11))
+        options = SamplingOptions(cfg=2.5, temperature=0.9, sampler="ddpm", num_sampling_steps=steps)
+        ours = gen.head.sample(z, z_null, options, generator=torch.Generator().manual_seed(11))
         draws = torch.Generator().manual_seed(11)  # the same draws in the same order: start, then one per step
         noises = [torch.randn(6, 64, generator=draws) for _ in range(steps)]
         ref = mar_respaced_sample(mar_model, z, z_null, 2.5, noises, steps, temperature=0.9)

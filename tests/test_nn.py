@@ -11,6 +11,7 @@ from lightning_ar.nn import (
     DiffusionLoss,
     GenerationTrace,
     MaskedAutoregressiveTransformer,
+    SamplingOptions,
     cosine_schedule,
     mask_from_orders,
     patchify,
@@ -148,7 +149,8 @@ def test_head_sampler_recovers_a_point_mass(sampler: str, spacing: str) -> None:
             return (x - ab.sqrt() * mu) / (1 - ab).sqrt()  # the exact epsilon of x_t for x_0 = mu
 
     head.net = Oracle()
-    out = head.sample(torch.zeros(6, 8), sampler=sampler, num_steps=20, generator=torch.Generator().manual_seed(0))
+    out = head.sample(torch.zeros(6, 8), options=SamplingOptions(sampler=sampler, num_sampling_steps=20),
+                      generator=torch.Generator().manual_seed(0))
     assert torch.allclose(out, mu.expand(6, 4), atol=1e-3), out
 
 
@@ -170,9 +172,8 @@ def test_first_sampling_step_is_well_conditioned(sampler: str, num_steps: int) -
 
 
 def test_head_sampler_rejects_unknown_name() -> None:
-    head = DiffusionLoss(token_dim=4, cond_dim=8, width=16, depth=1)
     with pytest.raises(ValueError, match="sampler must be one of"):
-        head.sample(torch.zeros(2, 8), sampler="euler")
+        SamplingOptions(sampler="euler")
     with pytest.raises(ValueError, match="timestep_spacing must be one of"):
         DiffusionLoss(token_dim=4, cond_dim=8, width=16, depth=1, timestep_spacing="uniform")
 
@@ -191,7 +192,7 @@ def test_sample_tokens_fills_trace() -> None:
     head = DiffusionLoss(4, 32, width=16, depth=1)
     trace = GenerationTrace()
     labels = torch.tensor([0, 1, 2])
-    tokens = sample_tokens(mar, head, labels, num_iter=4, cfg=2.0, num_sampling_steps=3, trace=trace,
+    tokens = sample_tokens(mar, head, labels, SamplingOptions(num_iter=4, cfg=2.0, num_sampling_steps=3), trace=trace,
                            generator=torch.Generator().manual_seed(0))
     assert tokens.shape == (3, 16, 4)
     assert [r.num_masked_after for r in trace.steps] == cosine_schedule(16, 4)
@@ -214,7 +215,9 @@ def test_reused_scheduler_keeps_no_state_between_samples(sampler: str) -> None:
     for p in head.parameters():
         torch.nn.init.normal_(p, std=0.1)
     z = torch.randn(5, 8)
-    first = head.sample(z, sampler=sampler, num_steps=7, generator=torch.Generator().manual_seed(1))
-    head.sample(z, sampler=sampler, num_steps=13, generator=torch.Generator().manual_seed(2))
-    again = head.sample(z, sampler=sampler, num_steps=7, generator=torch.Generator().manual_seed(1))
+    seven, thirteen = SamplingOptions(sampler=sampler, num_sampling_steps=7), SamplingOptions(sampler=sampler,
+                                                                                             num_sampling_steps=13)
+    first = head.sample(z, options=seven, generator=torch.Generator().manual_seed(1))
+    head.sample(z, options=thirteen, generator=torch.Generator().manual_seed(2))
+    again = head.sample(z, options=seven, generator=torch.Generator().manual_seed(1))
     assert torch.equal(first, again)

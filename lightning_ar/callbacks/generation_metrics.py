@@ -1,8 +1,9 @@
 """``GenerationMetrics``: generate for the labels of each validation/test batch and score the samples.
 
-Works with any LightningModule that has ``generate(labels, generator=..., **kwargs) -> latents`` and a data module
-with ``make_evaluator()`` (or an explicit evaluator factory). ``variants`` compares several generation settings
-(samplers, refinement modes, guidance scales) from one checkpoint with the same seeds, one row each.
+Works with any :class:`~lightning_ar.contracts.Generator` (``generate(labels, generator=..., **kwargs) -> latents``)
+and a data module whose evaluator :func:`~lightning_ar.metrics.evaluator_for` knows (an embedded source, a registered
+one, or a cache). ``variants`` compares several generation settings (samplers, refinement modes, guidance scales) from
+one checkpoint with the same seeds, one row each.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_ar.callbacks.results import format_table, write_results
+from lightning_ar.contracts import Generator, Refinement
 from lightning_ar.io import atomic_output
 from lightning_ar.metrics.base import SampleEvaluator
+from lightning_ar.metrics.registry import evaluator_for
 
 DEFAULT_VARIANT = "default"
 
@@ -88,15 +91,13 @@ class GenerationMetrics(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.every_n_epochs < 1:
             raise ValueError(f"GenerationMetrics.every_n_epochs must be >= 1, got {self.every_n_epochs}")
-        if not callable(getattr(pl_module, "generate", None)):
+        if not isinstance(pl_module, Generator):
             raise TypeError(f"GenerationMetrics needs a module with generate(labels, ...); got {type(pl_module)}")
-        if not callable(getattr(trainer.datamodule, "make_evaluator", None)):
-            raise TypeError("GenerationMetrics needs a data module with make_evaluator() (e.g. LatentDataModule)")
         for name, kwargs in self.variants.items():
             if not isinstance(kwargs, dict):
                 raise TypeError(f"GenerationMetrics.variants[{name!r}] must be a dict of generate() arguments")
             if name not in self._evaluators:  # build (may train a small model) outside the evaluation loops
-                self._evaluators[name] = trainer.datamodule.make_evaluator()
+                self._evaluators[name] = evaluator_for(trainer.datamodule)
                 # on the process's own device: reference statistics of an Inception evaluator are a GPU-sized job
                 self._evaluators[name].prepare(trainer.strategy.root_device)
 
@@ -120,7 +121,7 @@ class GenerationMetrics(Callback):
             latents = pl_module.generate(labels, generator=generator, **kwargs)
             _synchronize(pl_module.device)
             self._seconds[name] += time.perf_counter() - start
-            stats = getattr(pl_module, "last_generation_stats", None) or {}
+            stats = pl_module.last_generation_stats if isinstance(pl_module, Refinement) else {}
             self._refine_seconds[name] += float(stats.get("refine_seconds", 0.0))
             self._counts[name] += labels.shape[0]
             self._evaluators[name].update(latents, labels)
@@ -134,7 +135,7 @@ class GenerationMetrics(Callback):
             row.update(self._evaluators[name].reference())
             row["sec_per_image"] = self._seconds[name] / max(self._counts[name], 1)
             row["num_samples"] = float(self._counts[name])
-            if hasattr(pl_module, "last_generation_stats"):
+            if isinstance(pl_module, Refinement):
                 row["refine_share"] = self._refine_seconds[name] / max(self._seconds[name], 1e-12)
             results[name] = row
             prefix = stage if list(self.variants) == [DEFAULT_VARIANT] else f"{stage}/{name}"

@@ -13,6 +13,7 @@ from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
 from lightning_ar.callbacks.image_log import log_image_to_all
+from lightning_ar.contracts import Decodes
 
 
 class SampleGrid(Callback):
@@ -56,7 +57,7 @@ class SampleGrid(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.num_per_class < 1 or self.upscale < 1 or self.every_n_epochs < 1:
             raise ValueError("SampleGrid.num_per_class, upscale and every_n_epochs must be >= 1")
-        if not callable(getattr(trainer.datamodule, "decode", None)):
+        if not isinstance(trainer.datamodule, Decodes):
             raise TypeError("SampleGrid needs a data module with decode(latents) (e.g. LatentDataModule)")
 
     def _labels(self, pl_module: L.LightningModule) -> Tensor:

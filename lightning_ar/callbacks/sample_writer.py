@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
 from lightning_ar.io import atomic_output
+from lightning_ar.metrics.image_io import quantize
 
 
 def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -21,9 +22,8 @@ def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
-    """Images ``[B, C, H, W]`` in ``[-1, 1]`` to ``uint8`` ``[B, H, W, C]``."""
-    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+    """Images ``[B, C, H, W]`` in ``[-1, 1]`` to ``uint8`` ``[B, H, W, C]`` (see ``metrics.image_io.quantize``)."""
+    return quantize(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class SampleWriter(BasePredictionWriter):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from functools import partial
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 from typing_extensions import override
 
 from lightning_ar.callbacks.theory_base import TheoryMonitor
+from lightning_ar.contracts import Refinement
 from lightning_ar.nn.trace import GenerationTrace
 from lightning_ar.theory.conditions import (
     StepPool,
@@ -109,9 +109,7 @@ class SinkhornDivergenceMonitor(TheoryMonitor):
         if not self.enabled:
             return
         self._check_common()
-        generate = getattr(pl_module, "generate", None)
-        params = inspect.signature(generate).parameters if callable(generate) else {}
-        if not {"refine", "trace"} <= set(params) or not callable(getattr(pl_module, "refine_step", None)):
+        if not isinstance(pl_module, Refinement):
             raise TypeError(
                 "SinkhornDivergenceMonitor needs a module whose generate(...) takes refine= and trace= and measures "
                 f"divergences (OTRefinement); got {type(pl_module).__name__}"

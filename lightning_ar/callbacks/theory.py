@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from lightning_ar.callbacks.sinkhorn_monitor import SinkhornDivergenceMonitor
 from lightning_ar.callbacks.theory_base import TheoryMonitor, generator_module
+from lightning_ar.contracts import Generator
 from lightning_ar.nn.trace import GenerationTrace
 from lightning_ar.theory.fits import decay_claim, fit_exponential_decay
 from lightning_ar.theory.measures import ScoreNorms, score_norms
@@ -106,7 +107,7 @@ class ConditionalScoreNormMonitor(TheoryMonitor):
         if not self.timesteps or not all(0 <= t < num_t for t in self.timesteps):
             raise ValueError(f"ConditionalScoreNormMonitor.timesteps must be non-empty in [0, {num_t}), "
                              f"got {self.timesteps}")
-        if not callable(getattr(pl_module, "generate", None)):
+        if not isinstance(pl_module, Generator):
             raise TypeError(f"ConditionalScoreNormMonitor needs a module with generate(...); got {type(pl_module)}")
 
     def _norms(self, pl_module: L.LightningModule) -> tuple[ScoreNorms, int, float]:

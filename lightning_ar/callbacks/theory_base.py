@@ -13,20 +13,15 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_ar.nn.diffusion_loss import DiffusionLoss
+from lightning_ar.contracts import HeadGenerator, head_generator
 from lightning_ar.theory.report import write_theory_report
 
 MAX_DEFAULT_CLASSES = 10
 
 
-def generator_module(pl_module: L.LightningModule) -> L.LightningModule:
-    """The module owning the diffusion head: ``pl_module`` itself (``MARGenerator``) or its ``mar_generator``."""
-    if isinstance(getattr(pl_module, "head", None), DiffusionLoss):
-        return pl_module
-    gen = getattr(pl_module, "mar_generator", None)
-    if gen is None or not isinstance(getattr(gen, "head", None), DiffusionLoss):
-        raise TypeError(f"expected a MARGenerator (with .head) or a module with .mar_generator, got {type(pl_module)}")
-    return gen
+def generator_module(pl_module: L.LightningModule) -> HeadGenerator:
+    """The module owning the diffusion head: ``pl_module`` itself (a generator) or its ``mar_generator``."""
+    return head_generator(pl_module)
 
 
 class TheoryMonitor(Callback):

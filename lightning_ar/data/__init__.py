@@ -5,7 +5,7 @@ from lightning_ar.data.datamodule import LatentDataModule
 from lightning_ar.data.gaussian import KroneckerConditional, condition_kronecker
 from lightning_ar.data.shards import CacheMeta, ShardReader, validate_cache
 from lightning_ar.data.sources import DigitsSource, GMMSource, LatentSource, make_source
-from lightning_ar.data.vae import convert_ldm_kl16, decode_latents, encode_moments, load_vae, save_converted_vae
+from lightning_ar.data.vae import decode_latents, encode_moments, load_vae
 
 __all__ = [
     "CacheDataset",
@@ -18,11 +18,9 @@ __all__ = [
     "LatentSource",
     "ShardReader",
     "condition_kronecker",
-    "convert_ldm_kl16",
     "decode_latents",
     "encode_moments",
     "load_vae",
     "make_source",
-    "save_converted_vae",
     "validate_cache",
 ]

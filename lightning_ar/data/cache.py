@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,10 +61,6 @@ from lightning_ar.io import atomic_write_text
 from lightning_ar.progress import progress_bar
 
 ERROR_GLOB = ".error.rank*"  # error files of failed ranks (see first_error_wins)
-
-# Test-only: after a rank has written this many shards, SIGKILL the process group (simulates a killed job).
-KILL_ENV = "LIGHTNING_AR_CACHE_TEST_KILL_AFTER"
-
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     """ADM/MAR centre crop: BOX-halve while the short side >= 2*size, BICUBIC to short side = size, crop.
@@ -264,8 +258,6 @@ class ShardWriter(BasePredictionWriter):
         write_shard_record(self.data.out_dir, shard, info, self.data.manifest.shard_digest(items.start, items.stop))
         del self.buffers[shard]
         self.written += 1
-        if os.environ.get(KILL_ENV) and self.written >= int(os.environ[KILL_ENV]):
-            os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 class ImagesPerSecondBar(TQDMProgressBar):

@@ -12,7 +12,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from lightning_ar.data.cache_source import CacheSource, EpochSampler
 from lightning_ar.data.samplers import BlockSampler, shuffled_sampler
 from lightning_ar.data.sources import LatentSource, make_source
-from lightning_ar.metrics.base import SampleEvaluator
 
 
 class LabelDataset(Dataset):
@@ -133,15 +132,6 @@ class LatentDataModule(L.LightningDataModule):
         """Unscaled latents ``[B, C, H, W]`` to images in ``[-1, 1]`` (a cache decodes with its VAE, on the latents'
         device)."""
         return self._data.decode(latents)
-
-    def make_evaluator(self) -> SampleEvaluator:
-        """A fresh evaluator for generated latents of this source (a cache: FID/IS of decoded images)."""
-        if self.cache is None:
-            return self.source.make_evaluator()
-        from lightning_ar.metrics.image_quality import ImageQualityEvaluator
-
-        return ImageQualityEvaluator(decode=self.decode, num_classes=self.num_classes, reference=self.reference,
-                                     inception_weights=self.inception_weights, reference_stats=self.reference_stats)
 
     def _dataset(self, split: str) -> Dataset:
         if self.cache is not None:

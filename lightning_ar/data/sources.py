@@ -1,7 +1,8 @@
 """Embedded latent sources that need no download: ``digits`` (real 8x8 digits) and ``gmm`` (known distribution).
 
 A source provides fixed ``train``/``val``/``test`` splits of latents ``[N, C, H, W]`` with integer labels, a
-``decode`` to images in ``[-1, 1]`` for viewing and evaluation, and the evaluator that scores generated latents.
+``decode`` to images in ``[-1, 1]`` for viewing and evaluation (the evaluator that scores generated latents is chosen
+by :func:`lightning_ar.metrics.evaluator_for`).
 """
 
 from __future__ import annotations
@@ -9,16 +10,13 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from functools import cached_property
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
 from lightning_ar.data.gaussian import KroneckerConditional, condition_kronecker, revealed_log_likelihood_classes
-
-if TYPE_CHECKING:
-    from lightning_ar.metrics.base import SampleEvaluator
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -46,10 +44,6 @@ class LatentSource(ABC):
     def decode(self, latents: Tensor) -> Tensor:
         """Latents ``[B, C, H, W]`` to images ``[B, C', H', W']`` in ``[-1, 1]`` (identity by default)."""
         return latents.clamp(-1.0, 1.0)
-
-    @abstractmethod
-    def make_evaluator(self) -> SampleEvaluator:
-        """The evaluator that scores generated latents of this source."""
 
     def _check_split(self, name: str) -> None:
         if name not in SPLITS:
@@ -92,11 +86,6 @@ class DigitsSource(LatentSource):
     def split(self, name: Split) -> tuple[Tensor, Tensor]:
         self._check_split(name)
         return self._splits[name]
-
-    def make_evaluator(self) -> SampleEvaluator:
-        from lightning_ar.metrics.digits import DigitsEvaluator
-
-        return DigitsEvaluator(source=self)
 
 
 class GMMSource(LatentSource):
@@ -242,11 +231,6 @@ class GMMSource(LatentSource):
     def decode(self, latents: Tensor) -> Tensor:
         """A viewable image: the first token channel over the grid, ``[B, 1, g, g]`` squashed into ``[-1, 1]``."""
         return torch.tanh(latents[:, :1])
-
-    def make_evaluator(self) -> SampleEvaluator:
-        from lightning_ar.metrics.gmm import GMMEvaluator
-
-        return GMMEvaluator(source=self)
 
 
 SOURCES: dict[str, type[LatentSource]] = {"digits": DigitsSource, "gmm": GMMSource}

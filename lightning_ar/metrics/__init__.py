@@ -14,6 +14,7 @@ from lightning_ar.metrics.gmm import GMMEvaluator
 from lightning_ar.metrics.image_quality import ImageQualityEvaluator
 from lightning_ar.metrics.inception import InceptionFeatures
 from lightning_ar.metrics.precision_recall import ImprovedPrecisionRecall, precision_recall
+from lightning_ar.metrics.registry import evaluator_for, register_evaluator
 
 __all__ = [
     "ConditionalAccuracy",
@@ -26,9 +27,11 @@ __all__ = [
     "ReferenceStatsFID",
     "SampleEvaluator",
     "evaluate_npz",
+    "evaluator_for",
     "frechet_distance",
     "load_reference_stats",
     "load_or_train_digits_classifier",
     "precision_recall",
+    "register_evaluator",
     "train_digits_classifier",
 ]

@@ -17,11 +17,17 @@ from torch import Tensor
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
+def quantize(images: Tensor) -> Tensor:
+    """Images in ``[-1, 1]`` (any shape) to ``uint8`` pixels ``round((x + 1) * 127.5)``, values clamped first: the one
+    quantisation of this project (written samples, ADM batches, Inception inputs)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_uint8_rgb(images: Tensor) -> Tensor:
-    """Images ``[B, 1 or 3, H, W]`` in ``[-1, 1]`` to ``uint8`` ``[B, 3, H, W]`` (``round((x + 1) * 127.5)``)."""
+    """Images ``[B, 1 or 3, H, W]`` in ``[-1, 1]`` to ``uint8`` ``[B, 3, H, W]`` (:func:`quantize`)."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected decoded images [B, 1 or 3, H, W], got {tuple(images.shape)}")
-    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    pixels = quantize(images)
     return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor
 
 from lightning_ar.checkpoints.loading import (
@@ -33,6 +30,7 @@ from lightning_ar.checkpoints.loading import (
     record_class,
     resolve_class,
 )
+from lightning_ar.lightning_compat import own_hyperparameters
 from lightning_ar.modules.causal_ar import CausalARGenerator
 from lightning_ar.modules.generator import MARGenerator
 from lightning_ar.modules.utils import check_finite_hparams, default
@@ -50,41 +48,31 @@ from lightning_ar.theory.grouped_sinkhorn import group_clouds, grouped_divergenc
 MODES = ("none", "flow", "map", "amortized")
 
 
-@contextmanager
-def _own_hyperparameters() -> Iterator[None]:
-    """Build a nested LightningModule with its own hparams: LightningCLI injects the *outer* module's init args
-    into every ``save_hyperparameters`` call made while it instantiates (a context variable), nested ones too."""
-    token = _given_hyperparameters.set(None)
-    try:
-        yield
-    finally:
-        _given_hyperparameters.reset(token)
-
-
 def load_generator(generator: str | L.LightningModule | None, generator_hparams: dict | None) -> L.LightningModule:
     """The frozen generator (a :class:`MARGenerator` or :class:`CausalARGenerator`): a module, a checkpoint path, or
     (when reloading a refinement) its saved hparams."""
-    with _own_hyperparameters():
+    with own_hyperparameters():
         return _load_generator(generator, generator_hparams)
 
 
 GENERATORS: tuple[type[L.LightningModule], ...] = (MARGenerator, CausalARGenerator)
 
 
-def _guess_generator_class(hparams: dict) -> type[L.LightningModule]:
-    """For checkpoints that record no class: the causal generator is the one with an ``order`` (raster/random)."""
-    return CausalARGenerator if "order" in hparams else MARGenerator
+def _unrecorded_class(hparams: dict) -> type[L.LightningModule]:
+    """A checkpoint that records no class (an older file): read as a :class:`MARGenerator`; hyper-parameters of
+    another class are then refused with the file named (``build_from_checkpoint``)."""
+    return MARGenerator
 
 
 def _load_generator(generator: str | L.LightningModule | None, generator_hparams: dict | None) -> L.LightningModule:
     if isinstance(generator, GENERATORS):
         return generator
     if generator is not None and Path(generator).is_file():
-        return build_from_checkpoint(generator, "model.generator", GENERATORS, _guess_generator_class)
+        return build_from_checkpoint(generator, "model.generator", GENERATORS, _unrecorded_class)
     if generator_hparams is not None:  # weights come from the refinement checkpoint's state dict
         hparams = {k: v for k, v in generator_hparams.items() if not k.startswith("_")}
         recorded = generator_hparams.get("_class_path")
-        cls = resolve_class(recorded) if recorded else _guess_generator_class(hparams)
+        cls = resolve_class(recorded) if recorded else _unrecorded_class(hparams)
         return cls(**hparams)
     if generator is None:
         raise ValueError("model.generator must be the path of a MARGenerator or CausalARGenerator checkpoint")

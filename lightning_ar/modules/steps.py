@@ -39,7 +39,7 @@ class DiffusionLossSteps:
             )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        seeds = step_seeds(self.hparams.get("seed", 0), self.global_step, self.global_rank)
+        seeds = step_seeds(self.hparams.seed, self.global_step, self.global_rank)
         with fork_rng(self.device, seeds[1]):  # dropout draws from the global RNG: seed it per step, then restore
             loss = self.diffusion_loss(*batch, generator=torch.Generator(self.device).manual_seed(seeds[0]))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch[0].shape[0])

@@ -9,19 +9,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from torch import nn
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Put ``module`` (and all children) in eval mode, restoring each submodule's own mode afterwards."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def default(value, fallback):

@@ -2,10 +2,11 @@
 
 from lightning_ar.nn.controls import ConditionStats, ContextShuffle, Dispersion, MeanBias
 from lightning_ar.nn.diffusion_head import AdaLNMLPDenoiser
-from lightning_ar.nn.diffusion_loss import SAMPLERS, DiffusionLoss
+from lightning_ar.nn.diffusion_loss import DiffusionLoss
 from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, patchify, unpatchify
 from lightning_ar.nn.masking import cosine_schedule, mask_from_orders, random_orders, sample_mask_ratio
 from lightning_ar.nn.sampler import ConditionRefiner, sample_tokens
+from lightning_ar.nn.sampling_options import SAMPLERS, SamplingOptions
 from lightning_ar.nn.trace import GenerationTrace, StepRecord
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "GenerationTrace",
     "MaskedAutoregressiveTransformer",
     "MeanBias",
+    "SamplingOptions",
     "StepRecord",
     "cosine_schedule",
     "mask_from_orders",

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
 from lightning_ar.nn.dit import ClassEmbedding
-from lightning_ar.nn.sampler import CfgSchedule, ConditionRefiner, cfg_at_step, check_sampling_args
+from lightning_ar.nn.sampler import ConditionRefiner, cfg_at_step
+from lightning_ar.nn.sampling_options import SamplingOptions, check_labels
 from lightning_ar.nn.trace import GenerationTrace
 from lightning_ar.progress import progress_bar
 
@@ -246,7 +247,7 @@ def _refine(refiner: ConditionRefiner | None, z: Tensor, z_null: Tensor | None, 
         return z, z_null
     positions = position.expand(labels.shape[0])  # (B,)
     z = refiner(z, labels, positions, step)
-    if z_null is not None and getattr(refiner, "refine_null", False):
+    if z_null is not None and refiner.refine_null:
         z_null = refiner.null(z_null, positions, step)
     return z, z_null
 
@@ -256,11 +257,8 @@ def sample_causal_tokens(
     model: CausalTransformer,
     head: DiffusionLoss,
     labels: Tensor,
-    cfg: float = 1.0,
-    cfg_schedule: CfgSchedule = "linear",
-    temperature: float = 1.0,
-    num_sampling_steps: int = 100,
-    sampler: str = "ddpm",
+    options: SamplingOptions,
+    *,
     generator: torch.Generator | None = None,
     trace: GenerationTrace | None = None,
     refiner: ConditionRefiner | None = None,
@@ -273,11 +271,8 @@ def sample_causal_tokens(
         model: The causal transformer (in eval mode).
         head: The per-token diffusion head.
         labels: ``[B]`` class labels.
-        cfg: Guidance scale; ``1`` disables guidance (no null branch).
-        cfg_schedule: ``linear`` (MAR's ramp over the revealed fraction) or ``constant``.
-        temperature: Noise temperature of the head sampler.
-        num_sampling_steps: Denoising steps of the head per token.
-        sampler: ``ddpm``, ``ddim`` or ``dpm++``.
+        options: Guidance and its schedule (``cfg == 1``: no null branch) and the head's sampler, steps and
+            temperature; ``num_iter`` must be ``None`` or the number of tokens (one token per step).
         generator: RNG on ``labels``' device for all noise.
         trace: Filled with one record per AR step (one token per sample each).
         refiner: Hook applied to the conditions of each step (e.g. the OT refinement).
@@ -288,8 +283,11 @@ def sample_causal_tokens(
         ``[B, L, token_dim]`` tokens in position (raster) order.
     """
     seq_len = model.seq_len
-    check_sampling_args(labels, model.num_classes, seq_len, seq_len, sampler, cfg_schedule, temperature, cfg=cfg,
-                        num_sampling_steps=num_sampling_steps)
+    check_labels(labels, model.num_classes)
+    if options.num_iter not in (None, seq_len):
+        raise ValueError(f"num_iter must be {seq_len} (one token per step) for this model, got {options.num_iter}")
+    options.check_for(seq_len, head.num_train_timesteps)
+    cfg, cfg_schedule = options.cfg, options.cfg_schedule
     guided = cfg != 1.0
     both = torch.cat([labels, torch.full_like(labels, -1)]) if guided else labels  # (B or 2B,)
     ordered = torch.zeros(labels.shape[0], seq_len, head.token_dim, device=labels.device)  # generation order
@@ -306,7 +304,7 @@ def sample_causal_tokens(
         z_raw, z_null = z_all.chunk(2) if guided else (z_all, None)  # (B, W) each
         z, z_null = _refine(refiner, z_raw, z_null, labels, model.order[i], i)
         cfg_i = cfg_at_step(cfg, cfg_schedule, seq_len - 1 - i, seq_len)
-        ordered[:, i] = head.sample(z, z_null, cfg_i, temperature, sampler, num_sampling_steps, generator)
+        ordered[:, i] = head.sample(z, z_null, options, cfg=cfg_i, generator=generator)
         if trace is not None:
             trace.record(
                 i, seq_len - 1 - i, cfg_i, positions=model.order[i].expand(labels.shape[0], 1),

@@ -17,9 +17,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor, nn
 
 from lightning_ar.nn.diffusion_head import AdaLNMLPDenoiser
+from lightning_ar.nn.sampling_options import SAMPLERS, SamplingOptions
 
 SamplerName = Literal["ddpm", "ddim", "dpm++"]
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm++")
 # diffusers' spacings of the sampling timesteps; "linspace" is MAR's respacing (space_timesteps(1000, "100")).
 TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "linspace", "trailing")
 
@@ -201,10 +201,9 @@ class DiffusionLoss(nn.Module):
         self,
         z: Tensor,
         z_null: Tensor | None = None,
-        cfg: float = 1.0,
-        temperature: float = 1.0,
-        sampler: str = "ddpm",
-        num_steps: int = 100,
+        options: SamplingOptions | None = None,
+        *,
+        cfg: float | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Sample one token per condition.
@@ -212,18 +211,22 @@ class DiffusionLoss(nn.Module):
         Args:
             z: ``[N, cond_dim]`` conditions.
             z_null: ``[N, cond_dim]`` null-class conditions for classifier-free guidance, or ``None``.
-            cfg: Guidance scale (used when ``z_null`` is given).
-            temperature: Scale of the injected noise (DDPM) or of the initial noise (DDIM, DPM-Solver++).
-            sampler: ``"ddpm"`` (respaced), ``"ddim"`` or ``"dpm++"``.
-            num_steps: Number of denoising steps (at most ``num_train_timesteps``), spaced by the head's
-                ``timestep_spacing``. The default "leading" (``990, 980, ..., 0`` for 100 steps) does not start at
-                ``t=999``, where the capped cosine schedule has ``sqrt(alpha_bar) ~ 5e-5`` and the predicted clean
-                token amplifies noise-prediction errors; "linspace" starts there, as MAR does.
+            options: The sampler, its number of denoising steps (at most ``num_train_timesteps``, spaced by the head's
+                ``timestep_spacing``) and the temperature (scale of the injected noise for DDPM, of the initial noise
+                for DDIM and DPM-Solver++); default :class:`SamplingOptions`. The default "leading" spacing
+                (``990, 980, ..., 0`` for 100 steps) does not start at ``t=999``, where the capped cosine schedule has
+                ``sqrt(alpha_bar) ~ 5e-5`` and the predicted clean token amplifies noise-prediction errors;
+                "linspace" starts there, as MAR does.
+            cfg: Guidance scale of this call (used when ``z_null`` is given; default ``options.cfg``): an AR sampler
+                passes the step's scale of its schedule.
             generator: RNG on ``z``'s device for all noise.
 
         Returns:
             ``[N, token_dim]`` sampled tokens (float32).
         """
+        options = SamplingOptions() if options is None else options
+        cfg = options.cfg if cfg is None else cfg
+        sampler, num_steps, temperature = options.sampler, options.num_sampling_steps, options.temperature
         if not 1 <= num_steps <= self.num_train_timesteps:
             raise ValueError(f"num_sampling_steps must be in [1, {self.num_train_timesteps}], got {num_steps}")
         scheduler = self._scheduler(sampler, num_steps, z.device)

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_ar.contracts import TokenGenerator
 from lightning_ar.data.sources import GMMSource
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
+from lightning_ar.nn.sampling_options import SamplingOptions
 from lightning_ar.nn.trace import GenerationTrace
 from lightning_ar.theory.oracle import OracleSettings, head_loss, oracle_conditions
 
@@ -45,7 +47,7 @@ class ConditionModel:
     @classmethod
     def from_generator(cls, module: nn.Module) -> ConditionModel:
         """The parts of a ``MARGenerator`` or ``CausalARGenerator`` (its defaults for sampling)."""
-        if not hasattr(module, "mar") or not isinstance(getattr(module, "head", None), DiffusionLoss):
+        if not isinstance(module, TokenGenerator) or not isinstance(module.head, DiffusionLoss):
             raise TypeError(f"{type(module).__name__} has no per-token transformer and head (a CDM has no AR steps)")
         hp = module.hparams
         return cls(module.mar, module.head, float(hp.latent_scale), float(hp.temperature), str(hp.sampler),
@@ -57,7 +59,9 @@ class ConditionModel:
 
     def sample(self, z: Tensor, z_null: Tensor | None, cfg: float, generator: torch.Generator | None) -> Tensor:
         """``[N, Dt]`` tokens from conditions ``[N, W]`` (and null conditions with ``cfg != 1``)."""
-        return self.head.sample(z, z_null, cfg, self.temperature, self.sampler, self.num_sampling_steps, generator)
+        options = SamplingOptions(temperature=self.temperature, sampler=self.sampler,
+                                  num_sampling_steps=self.num_sampling_steps)
+        return self.head.sample(z, z_null, options, cfg=cfg, generator=generator)
 
 
 def _gather(x: Tensor, positions: Tensor) -> Tensor:

@@ -6,31 +6,19 @@ No Lightning here: the callbacks in :mod:`lightning_ar.callbacks.theory` generat
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
+from lightning_ar.nn.modes import eval_mode
 from lightning_ar.nn.trace import GenerationTrace, StepRecord
 from lightning_ar.theory.fits import fit_contraction
 
 TRIVIAL_DIVERGENCE = 1e-6  # flow traces starting at or below this have nothing to contract (e.g. AR step 0)
-
-
-@contextmanager
-def _eval(module: nn.Module) -> Iterator[None]:
-    """Eval mode inside, each submodule's own mode restored after."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 @dataclass
@@ -116,7 +104,7 @@ def score_norms(
     """
     if not trace.steps:
         raise ValueError("score_norms needs a trace filled by generate(..., trace=trace)")
-    with _eval(head):
+    with eval_mode(head):
         values = [[torch.stack(_step_norms(head, rec, int(t), generator)) for t in timesteps] for rec in trace.steps]
     arr = torch.stack([torch.stack(row) for row in values]).double().cpu().numpy()  # (K, T, 2, B)
     guided = all(rec.null_conditions is not None for rec in trace.steps)

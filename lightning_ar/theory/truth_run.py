@@ -11,14 +11,15 @@ same generator seed.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from lightning_ar.contracts import Generator
 from lightning_ar.data.sources import GMMSource
 from lightning_ar.nn.controls import ConditionStats, ContextShuffle, Dispersion, MeanBias
+from lightning_ar.nn.sampler import ConditionRefiner
 from lightning_ar.nn.trace import GenerationTrace
 from lightning_ar.theory.condition_errors import ConditionModel, oracle_trace, teacher_forced_trace
 from lightning_ar.theory.ground_truth import StepTruth, exact_trace, trace_truth
@@ -68,14 +69,11 @@ def labels_for(source: GMMSource, count: int) -> Tensor:
 
 
 @torch.no_grad()
-def generate_trace(module: nn.Module, labels: Tensor, cfg: float, generator: torch.Generator,
-                   refiner=None) -> GenerationTrace:
+def generate_trace(module: Generator, labels: Tensor, cfg: float, generator: torch.Generator,
+                   refiner: ConditionRefiner | None = None) -> GenerationTrace:
     """``module.generate`` with a trace (on the CPU)."""
     trace = GenerationTrace()
-    hook = {} if refiner is None else {"refiner": refiner}  # a CDM's generate has no refinement hook
-    if "progress" in inspect.signature(module.generate).parameters:
-        hook["progress"] = False
-    module.generate(labels, cfg=cfg, generator=generator, trace=trace, **hook)
+    module.generate(labels, cfg=cfg, generator=generator, trace=trace, refiner=refiner, progress=False)
     return trace
 
 
