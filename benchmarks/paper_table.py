@@ -40,7 +40,7 @@ from lightning_ar.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATORS = {"CDM": "cdm.yaml", "MAR": "mar.yaml", "AR": "ar.yaml"}
-REFINED = {"MAR+OT": ("MAR", ("refine.yaml",)), "AR+OT": ("AR", ("refine.yaml", "refine_ar.yaml"))}  # refine_ar: overlay
+REFINED = {"MAR+OT": ("MAR", ("refine.yaml",)), "AR+OT": ("AR", ("refine.yaml", "refine_ar.yaml"))}
 ROWS = ("CDM", "MAR", "MAR+OT", "AR", "AR+OT")
 METRICS = ("fid", "kid", "cond_acc", "sec_per_image")
 SAMPLE_METRICS = ("fid", "kid", "cond_acc", "copy_fraction", "nn_ratio")  # recomputed from the saved samples
