@@ -20,7 +20,7 @@ from typing import Any
 
 from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import OmegaConf
 
@@ -77,11 +77,11 @@ class LightningARCLI(LightningCLI):
     """LightningCLI that links data-derived values into the model and gives the command line precedence over a
     checkpoint's hyper-parameters (see the module docstring)."""
 
-    def add_arguments_to_parser(self, parser) -> None:
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in LINKED:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
-    def parse_arguments(self, parser, args) -> None:
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse ``args`` (always given explicitly by :func:`main`, so Lightning's warning about ``args`` together
         with ``sys.argv`` does not apply) and remember which options were given explicitly."""
         if isinstance(args, (dict, Namespace)):

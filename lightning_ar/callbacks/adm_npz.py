@@ -14,6 +14,7 @@ from __future__ import annotations
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -156,7 +157,8 @@ class AdmNpzWriter(SampleWriter):
         trainer.strategy.barrier("AdmNpzWriter.clean")
 
     @override
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, Any],
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         images = to_uint8_nhwc(trainer.datamodule.decode(prediction["latents"]))
         labels, indices = prediction["labels"].cpu().numpy(), prediction["indices"].cpu().numpy()
         path = self._dir(trainer) / f"samples_rank{trainer.global_rank}_batch{batch_idx:05d}.npz"

@@ -158,7 +158,8 @@ class GenerationMetrics(Callback):
             self._start(trainer, pl_module)
 
     @override
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._active:
             self._generate(trainer, pl_module, batch[1], batch_idx)
 
@@ -174,7 +175,8 @@ class GenerationMetrics(Callback):
         self._start(trainer, pl_module)
 
     @override
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
         self._generate(trainer, pl_module, batch[1], batch_idx)
 
     @override

@@ -57,7 +57,8 @@ class NonFiniteLoss(Callback):
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         self._loss_finite = bool(torch.isfinite(loss.detach()).all())
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
         bad = not (self._loss_finite and _grads_finite(pl_module))
         if not trainer.strategy.reduce_boolean_decision(bad, all=False):
             return

@@ -86,7 +86,8 @@ class SampleGrid(Callback):
         self.logged_to = log_image_to_all(trainer.loggers, f"samples/{stage}", grid, trainer.global_step)
 
     @override
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch_idx or dataloader_idx or trainer.sanity_checking:
             return
         if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs:
@@ -94,6 +95,7 @@ class SampleGrid(Callback):
         self._write(trainer, pl_module, "val")
 
     @override
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.on_test and batch_idx == 0 and dataloader_idx == 0:
             self._write(trainer, pl_module, "test")

@@ -54,7 +54,8 @@ class SampleWriter(BasePredictionWriter):
 
     @override
     def write_on_batch_end(
-        self, trainer, pl_module, prediction: dict[str, Any], batch_indices, batch, batch_idx: int, dataloader_idx=0
+        self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, Any], batch_indices: Any,
+        batch: Any, batch_idx: int, dataloader_idx: int = 0,
     ) -> None:
         images = trainer.datamodule.decode(prediction["latents"])
         path = self._dir(trainer) / f"samples_rank{trainer.global_rank}_batch{batch_idx:05d}.npz"

@@ -96,7 +96,8 @@ class TheoryMonitor(Callback):
         self._pending = {}
 
     @override
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._due(trainer, "val", batch_idx, dataloader_idx):
             self._run(trainer, pl_module, "val")
 
@@ -105,7 +106,8 @@ class TheoryMonitor(Callback):
         self._flush(pl_module)
 
     @override
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._due(trainer, "test", batch_idx, dataloader_idx):
             self._run(trainer, pl_module, "test")
 

@@ -11,9 +11,13 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 CHECKPOINT_WRAPPERS = ("state_dict", "model")
 # Prefixes stripped from LDM keys: a full latent-diffusion checkpoint nests its VAE under ``first_stage_model.``.
@@ -210,7 +214,7 @@ def _raise_problems(unmapped: list[str], missing: list[str], mismatched: list[st
         raise ValueError("\n  ".join([header, *lines]))
 
 
-def convert_ldm_kl16(state_dict: dict[str, Tensor], sample_size: int = 256):
+def convert_ldm_kl16(state_dict: dict[str, Tensor], sample_size: int = 256) -> AutoencoderKL:
     """Convert an LDM-layout KL VAE state dict (MAR's KL-16: ch 128, ch_mult (1, 1, 2, 2, 4), 2 res blocks,
     16 latent channels, encoder attention at 16x16 and in both mid blocks) to a diffusers ``AutoencoderKL``.
 

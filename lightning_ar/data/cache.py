@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import numpy as np
@@ -59,6 +59,10 @@ from lightning_ar.data.vae import encode_moments, load_vae
 from lightning_ar.errors import UsageError
 from lightning_ar.io import atomic_write_text
 from lightning_ar.progress import progress_bar
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+    from jsonargparse import ArgumentParser
 
 ERROR_GLOB = ".error.rank*"  # error files of failed ranks (see first_error_wins)
 
@@ -241,11 +245,11 @@ class ShardWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.data, self.buffers, self.written, self.started = data, {}, 0, time.perf_counter()
 
-    def on_predict_start(self, trainer, pl_module) -> None:
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started = time.perf_counter()
 
-    def write_on_batch_end(self, trainer, pl_module, prediction: dict[str, Tensor], batch_indices, batch,
-                           batch_idx: int, dataloader_idx: int = 0) -> None:
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, Tensor],
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         shard = int(prediction["indices"][0]) // self.data.shard_size
         self.buffers.setdefault(shard, []).append(prediction)
         parts = self.buffers[shard]
@@ -263,13 +267,14 @@ class ShardWriter(BasePredictionWriter):
 class ImagesPerSecondBar(TQDMProgressBar):
     """Lightning's progress bar with the images/s of this rank in the predict bar."""
 
-    def on_predict_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:
         if batch_idx == 0:
             self._start, self._seen = time.perf_counter(), 0
         super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
 
-    def on_predict_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int,
-                             dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         self._seen += len(batch[1])
         rate = self._seen / max(time.perf_counter() - self._start, 1e-9)
@@ -297,7 +302,7 @@ def posterior_std(directory: str | Path, shards: list[ShardInfo], item_shape: tu
     return math.sqrt(max(sq / count - mean * mean, 0.0) * count / max(count - 1, 1))
 
 
-def latent_shape_of(vae, image_size: int) -> tuple[int, int, int]:
+def latent_shape_of(vae: AutoencoderKL, image_size: int) -> tuple[int, int, int]:
     """``(C, h, w)`` of the latents of a diffusers AutoencoderKL for ``image_size`` images."""
     down = 2 ** (len(vae.config.block_out_channels) - 1)
     if image_size % down:
@@ -477,7 +482,7 @@ def first_error_wins(trainer: L.Trainer, out_dir: Path, wait: float = 10.0) -> I
                            f"{first.read_text().strip()}") from err
 
 
-def cache_parser():
+def cache_parser() -> ArgumentParser:
     """The jsonargparse parser of ``lightning-ar cache`` (``--config`` YAML plus one flag per option)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from einops import rearrange
@@ -236,7 +236,7 @@ class GMMSource(LatentSource):
 SOURCES: dict[str, type[LatentSource]] = {"digits": DigitsSource, "gmm": GMMSource}
 
 
-def make_source(name: str, **kwargs) -> LatentSource:
+def make_source(name: str, **kwargs: Any) -> LatentSource:
     """Build an embedded source by name (``digits`` or ``gmm``)."""
     if name not in SOURCES:
         raise ValueError(f"data.source must be one of {sorted(SOURCES)} (or a LatentSource instance), got {name!r}")

@@ -10,12 +10,17 @@ cache's recorded scale).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
-def load_vae(name_or_path: str, subfolder: str | None = None, torch_dtype: torch.dtype | None = None):
+
+def load_vae(name_or_path: str, subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
+             ) -> AutoencoderKL:
     """Load a diffusers ``AutoencoderKL`` from a hub id (e.g. ``stabilityai/sd-vae-ft-ema``) or a local directory.
 
     Raises:
@@ -39,7 +44,7 @@ def load_vae(name_or_path: str, subfolder: str | None = None, torch_dtype: torch
 
 
 @torch.no_grad()
-def encode_moments(vae, images: Tensor) -> Tensor:
+def encode_moments(vae: AutoencoderKL, images: Tensor) -> Tensor:
     """Images ``[B, 3, H, W]`` in ``[-1, 1]`` to posterior moments ``[B, 2C, h, w]`` (mean, log-variance)."""
     images = images.to(device=vae.device, dtype=vae.dtype)
     return vae.encode(images).latent_dist.parameters
@@ -54,7 +59,7 @@ def sample_posterior(moments: Tensor, generator: torch.Generator | None = None) 
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: Tensor) -> Tensor:
+def decode_latents(vae: AutoencoderKL, latents: Tensor) -> Tensor:
     """Unscaled latents ``[B, C, h, w]`` to images ``[B, 3, H, W]`` in ``[-1, 1]``."""
     images = vae.decode(latents.to(device=vae.device, dtype=vae.dtype)).sample
     return images.float().clamp(-1.0, 1.0)

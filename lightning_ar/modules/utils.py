@@ -6,12 +6,15 @@ import math
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import TypeVar
 
 import numpy as np
 import torch
 
+T = TypeVar("T")
 
-def default(value, fallback):
+
+def default(value: T | None, fallback: T) -> T:
     """``fallback`` when ``value`` is ``None``, else ``value`` (never ``value or fallback``: 0 is not "unset")."""
     return fallback if value is None else value
 

@@ -76,7 +76,8 @@ class AdaLNMLPDenoiser(nn.Module):
         learn_sigma: Predict ``2 * token_dim`` outputs (noise and variance interpolation) instead of ``token_dim``.
     """
 
-    def __init__(self, token_dim: int, cond_dim: int, width: int = 256, depth: int = 3, learn_sigma: bool = True):
+    def __init__(self, token_dim: int, cond_dim: int, width: int = 256, depth: int = 3,
+                 learn_sigma: bool = True) -> None:
         super().__init__()
         self.token_dim, self.learn_sigma = token_dim, learn_sigma
         self.time_embed = TimestepEmbedder(width)
