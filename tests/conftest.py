@@ -1,17 +1,19 @@
-"""Shared fixtures: a per-session cache for the digits classifier, tiny generators, a CPU-friendly setup."""
+"""Shared fixtures: a per-session cache for the digits classifier, tiny generators, a CPU-friendly setup.
+
+Helpers that tests import live in ``tests/helpers`` (on the path by ``pythonpath`` in ``pyproject.toml``), never here.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny import TINY, save_generator_checkpoint
 
 from lightning_ar import MARGenerator
-
-TINY = dict(width=32, encoder_depth=1, decoder_depth=1, num_heads=2, head_width=32, head_depth=1, num_iter=4,
-            num_sampling_steps=5)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -38,16 +40,8 @@ def tiny_generator() -> MARGenerator:
     return MARGenerator(latent_shape=(1, 8, 8), num_classes=10, latent_scale=1.3, **TINY)
 
 
-def save_generator_checkpoint(path, source: str = "digits", **overrides) -> str:
-    """Write a Lightning checkpoint of an untrained tiny generator for ``source`` (``digits`` or ``gmm``)."""
-    import lightning as L
-
-    from lightning_ar import LatentDataModule
-
-    dm = LatentDataModule(source)
-    patch = 2 if source == "digits" else 1
-    model = MARGenerator(dm.latent_shape, dm.num_classes, dm.latent_scale, **{**TINY, "patch_size": patch,
-                                                                              **overrides})
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                "pytorch-lightning_version": L.__version__}, path)
-    return str(path)
+@pytest.fixture
+def generator_checkpoint(tmp_path: Path) -> Callable[..., str]:
+    """``generator_checkpoint(source="digits", **overrides)``: the path of a tiny untrained generator's checkpoint."""
+    return lambda source="digits", **overrides: save_generator_checkpoint(tmp_path / f"{source}-gen.ckpt", source,
+                                                                          **overrides)

@@ -177,7 +177,7 @@ def test_python_block_runs(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- ImageNet blocks
 def _stand_ins(root: Path) -> None:
     """MAR's KL-16 checkpoint and ImageNet, in miniature, where the README's commands expect them."""
-    from ldm_reference import LDMAutoencoderKL
+    from helpers.ldm_reference import LDMAutoencoderKL
 
     torch.manual_seed(0)
     vae = LDMAutoencoderKL(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z=16, encoder_attn={2}, decoder_attn=set())

@@ -11,7 +11,7 @@ backward), not arithmetic. The same quantity has a closed form: with the entropi
 (the barycentric projections onto the source itself and onto the target; the target's self-transport does not
 depend on ``x``). The potentials come from the same algorithm as geomloss's tensorized backend (symmetric updates,
 epsilon-scaling from ``diameter**2`` to ``blur**2`` by factors ``scaling**2``, one last extrapolation at ``blur``),
-run without autograd. ``tests/test_refine.py`` checks the result against geomloss's autograd gradient.
+run without autograd. ``tests/nn/test_refine.py`` checks the result against geomloss's autograd gradient.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ exactly into independent problems, one per group: with no mass crossing groups a
 cancel). Solving the small per-group problems in one padded batch is much cheaper than one problem over the whole
 labelled cloud, and a bootstrap over source clusters only changes the source weights, so many replicates are solved
 at once. The algorithm is geomloss's (symmetric log-domain updates, epsilon-scaling from ``diameter**2`` to
-``blur**2`` by ``scaling**2``, a last extrapolation at ``blur``); ``tests/test_theory.py`` checks it against
+``blur**2`` by ``scaling**2``, a last extrapolation at ``blur``); ``tests/theory/test_theory.py`` checks it against
 ``labelled_divergence``.
 
 Plain torch; no Lightning.

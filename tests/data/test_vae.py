@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ldm_reference import LDMAutoencoderKL, randomize_
+from helpers.ldm_reference import LDMAutoencoderKL, randomize_
 
 from lightning_ar.checkpoints.convert_vae import (
     convert_ldm_kl16,
@@ -18,7 +18,7 @@ from lightning_ar.checkpoints.convert_vae import (
 from lightning_ar.cli import main
 from lightning_ar.data.vae import decode_latents, encode_moments, load_vae
 
-SHAPES = Path(__file__).resolve().parent / "data" / "mar_state_dict_shapes.json"  # vendored format description
+SHAPES = Path(__file__).resolve().parents[1] / "assets" / "mar_state_dict_shapes.json"  # vendored format description
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z=4, encoder_attn={0, 1}, decoder_attn={1})
 
 

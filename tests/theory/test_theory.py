@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, save_generator_checkpoint
+from helpers.tiny import TINY, save_generator_checkpoint
 from lightning.pytorch.callbacks import Callback
 
 from lightning_ar import LatentDataModule, MARGenerator, OTRefinement

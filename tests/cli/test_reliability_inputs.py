@@ -1,7 +1,7 @@
 """Reliability, corrupted inputs and config errors: messages name the file or the option and what was expected.
 
 Cache corruption (truncated/missing shard, meta mismatch, NaN in a cache, empty class folder, unreadable image) is
-covered in tests/test_cache.py; a bank from another generator in tests/test_refinement.py
+covered in tests/data/test_cache.py; a bank from another generator in tests/modules/test_refinement.py
 (test_bank_from_another_generator_is_refused).
 """
 
@@ -20,7 +20,7 @@ from lightning_ar import LatentDataModule, MARGenerator
 from lightning_ar.cli import build_cli, main
 from lightning_ar.modules.refinement import OTRefinement
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIGITS, DEBUG = str(REPO / "configs/digits/mar.yaml"), str(REPO / "configs/debug.yaml")
 TINY = dict(latent_shape=(1, 4, 4), num_classes=3, encoder_depth=1, decoder_depth=1, num_heads=2, head_width=16,
             head_depth=1, num_iter=2, num_sampling_steps=2)

@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 
 pytestmark = pytest.mark.slow  # subprocess CLI runs (CI runs slow tests too)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIGITS = str(REPO / "configs/digits/mar.yaml")
 
 

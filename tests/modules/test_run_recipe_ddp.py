@@ -26,7 +26,7 @@ from lightning_ar import LatentDataModule
 
 pytestmark = pytest.mark.slow  # two subprocess CLI runs, one of them with 2 processes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIGITS, DEBUG = str(REPO / "configs/digits/mar.yaml"), str(REPO / "configs/debug.yaml")
 BATCH, BASE_LR, WARMUP_EPOCHS = 16, 1e-4, 2
 

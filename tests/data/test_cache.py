@@ -24,7 +24,7 @@ from lightning_ar.data.datamodule import LatentDataModule
 from lightning_ar.data.shards import CacheMeta, ShardReader, validate_cache, write_shard
 from lightning_ar.data.vae import encode_moments, load_vae, sample_posterior
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIGITS, DEBUG = str(REPO / "configs/digits/mar.yaml"), str(REPO / "configs/debug.yaml")
 SIZE, SHARD, N = 16, 2, 9  # 16x16 crops -> 4x8x8 latents; 9 images in shards of 2 -> 5 shards
 SIZES = [(20, 17), (70, 40), (16, 16), (33, 50)]  # (70, 40) takes the BOX-halving branch of the crop

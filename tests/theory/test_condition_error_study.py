@@ -15,7 +15,7 @@ from lightning_ar.theory.bootstrap import Replicates, estimate, verdict
 from lightning_ar.theory.ground_truth import exact_trace, mar_step_positions, trace_truth
 from lightning_ar.theory.truth_stats import arm_metric, load_arms, save_arms, stack
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import condition_error_study as study  # noqa: E402
 import condition_error_summary as summary  # noqa: E402

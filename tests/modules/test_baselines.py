@@ -15,7 +15,7 @@ from lightning_ar.checkpoints.loading import CheckpointError, record_class
 from lightning_ar.cli import build_cli, main
 from lightning_ar.theory.measures import score_norms
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEBUG, DEBUG_REFINE = str(REPO / "configs/debug.yaml"), str(REPO / "configs/debug_refine.yaml")
 TINY = dict(latent_shape=(1, 8, 8), num_classes=10, width=32, encoder_depth=1, decoder_depth=1, num_heads=2,
             head_width=32, head_depth=1, num_sampling_steps=5, dropout=0.0)

@@ -14,7 +14,7 @@ import yaml
 
 pytestmark = pytest.mark.slow  # subprocess CLI runs (CI runs slow tests too)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIGITS, DEBUG = str(REPO / "configs/digits/mar.yaml"), str(REPO / "configs/debug.yaml")
 PER_CLASS, BATCH = 3, 4  # 30 samples in 8 blocks of 4 (the last one of 2): ranks get 4 blocks each
 

@@ -20,7 +20,7 @@ from PIL import Image
 from lightning_ar.checkpoints import MARSize, import_mar_checkpoint
 from lightning_ar.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIGITS, DEBUG = str(REPO / "configs/digits/mar.yaml"), str(REPO / "configs/debug.yaml")
 REFINE, MAR_BASE = str(REPO / "configs/digits/refine.yaml"), str(REPO / "configs/imagenet256/mar_base.yaml")
 

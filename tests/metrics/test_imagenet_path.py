@@ -21,7 +21,7 @@ from PIL import Image
 from lightning_ar.cli import main
 from lightning_ar.data.shards import validate_cache
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAR_BASE, DEBUG = str(REPO / "configs/imagenet256/mar_base.yaml"), str(REPO / "configs/debug.yaml")
 SIZE, CLASSES, PER_CLASS, PREDICT_PER_CLASS = 32, ("ant", "bee", "cat"), 4, 2
 METRICS = ("fid", "is", "is_std", "precision", "recall")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import TINY
+from helpers.tiny import TINY
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from lightning_ar import GenerationMetrics, GenerationTrace, LatentDataModule, MARGenerator

@@ -17,7 +17,7 @@ from lightning_ar.callbacks import NonFiniteLoss, NonFiniteLossError
 from lightning_ar.cli import main
 from lightning_ar.data.sources import DigitsSource
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 TINY = dict(width=16, encoder_depth=1, decoder_depth=1, num_heads=2, head_width=16, head_depth=1, num_iter=2,
             num_sampling_steps=2, dropout=0.0)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import save_generator_checkpoint
+from helpers.tiny import save_generator_checkpoint
 
 from lightning_ar import CausalARGenerator, ConditionalDiffusion, LatentDataModule, MARGenerator, OTRefinement
 from lightning_ar.cli import build_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OVERLAYS = {"debug.yaml", "debug_refine.yaml"}
 BASES = {"refine_ar.yaml": "refine.yaml"}  # overlays of another shipped config of the same folder
 # ImageNet configs need a latent cache on disk; tests/test_import_mar.py parses them.

@@ -15,16 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import save_generator_checkpoint
+from helpers.tiny import save_generator_checkpoint
 from omegaconf import OmegaConf
 
 from lightning_ar import MARGenerator, OTRefinement, SamplingOptions
 from lightning_ar.checkpoints import MAR_LATENT_SCALE, MARSize, convert_state_dict, import_mar_checkpoint
 from lightning_ar.cli import _register_resolvers, build_cli, main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # MAR's parameter names and shapes (a format description, vendored with the tests: they read nothing outside the repo)
-REFERENCE = Path(__file__).resolve().parent / "data" / "mar_state_dict_shapes.json"
+REFERENCE = Path(__file__).resolve().parents[1] / "assets" / "mar_state_dict_shapes.json"
 TINY = MARSize(width=32, depth=2, num_heads=4, head_width=24, head_depth=2, cfg=2.0)
 TINY_LAYOUT = dict(width=32, depth=2, head_width=24, head_depth=2, token_dim=64, seq_len=64, buffer=4, classes=10)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import save_generator_checkpoint
+from helpers.tiny import save_generator_checkpoint
 
 from lightning_ar import GenerationMetrics, GenerationTrace, LatentDataModule, MARGenerator, OTRefinement
 from lightning_ar.nn.teacher_forcing import masked_before

@@ -20,7 +20,7 @@ from lightning_ar.metrics import ImageQualityEvaluator, ImprovedPrecisionRecall,
 from lightning_ar.metrics.image_quality import InceptionFeatures
 from lightning_ar.metrics.precision_recall import knn_radii
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
@@ -345,7 +345,7 @@ def test_evaluator_under_ddp_matches_one_process(reference_npz: Path, tmp_path: 
     generated = _random_images(31, seed=9, low=30)
     np.savez(tmp_path / "gen.npz", arr_0=generated)
     script = tmp_path / "ddp_eval.py"
-    script.write_text(DDP_EVAL.format(tests=str(REPO / "tests"), tmp=tmp_path, ref=str(reference_npz),
+    script.write_text(DDP_EVAL.format(tests=str(REPO / "tests" / "metrics"), tmp=tmp_path, ref=str(reference_npz),
                                       gen=str(tmp_path / "gen.npz")))
     subprocess.run([sys.executable, str(script)], env=ENV, check=True, timeout=180)
     ddp = json.loads((tmp_path / "ddp.json").read_text())
@@ -387,7 +387,7 @@ def test_gather_lists_duplicates_and_gaps(tmp_path: Path) -> None:
 
 def _predict_args(tmp_path: Path, *extra: str) -> list[str]:
     """A predict run of an untrained tiny digits generator whose only callback is the ADM writer."""
-    from conftest import save_generator_checkpoint
+    from helpers.tiny import save_generator_checkpoint
 
     ckpt = save_generator_checkpoint(tmp_path / "gen.ckpt")
     state = torch.load(ckpt, weights_only=False)

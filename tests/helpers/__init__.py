@@ -1,0 +1,1 @@
+"""Helpers the tests import (tiny models, reference implementations, subprocess wrappers)."""
