@@ -69,7 +69,7 @@ class DiffusionLossSteps:
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, naming the file and what differs, a checkpoint of another shape or another latent scale."""
-        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        path = self._trainer.ckpt_path if self._trainer is not None else None
         saved = checkpoint.get("hyper_parameters", {})
         mismatch = check_state_shapes(checkpoint.get("state_dict", {}), self.state_dict())
         if mismatch:

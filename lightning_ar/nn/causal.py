@@ -169,8 +169,10 @@ class CausalTransformer(nn.Module):
         """Bool ``[B]`` of labels dropped to the null class in training (``None`` in eval)."""
         return self.classes.label_drop(labels, generator)
 
-    def generation_orders(self, batch_size: int, device: torch.device | str = "cpu") -> Tensor:
-        """``[B, L]`` the fixed order in MAR's convention (leading entries revealed last): ``order`` reversed."""
+    def generation_orders(self, batch_size: int, device: torch.device | str = "cpu",
+                          generator: torch.Generator | None = None) -> Tensor:
+        """``[B, L]`` the fixed order in MAR's convention (leading entries revealed last): ``order`` reversed
+        (``generator`` is not used: the order is fixed)."""
         return self.order.flip(0).to(device)[None].expand(batch_size, -1)
 
     def slots(self, class_emb: Tensor | None, ordered_tokens: Tensor, start: int) -> Tensor:

@@ -13,6 +13,8 @@ from einops import rearrange
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from lightning_ar.nn.masking import random_orders
+
 
 def patchify(latents: Tensor, patch_size: int) -> Tensor:
     """Split latents into a raster sequence of flattened patches.
@@ -165,6 +167,12 @@ class MaskedAutoregressiveTransformer(nn.Module):
             x = block(x)
         x = self.decoder_norm(x)[:, self.buffer_size :]  # (B, L, W)
         return x + self.diffusion_pos_embed
+
+    def generation_orders(self, batch_size: int, device: torch.device | str = "cpu",
+                          generator: torch.Generator | None = None) -> Tensor:
+        """``[B, L]`` orders of generation (MAR's convention: leading entries revealed last): a random one per
+        sample (:func:`~lightning_ar.nn.masking.random_orders`)."""
+        return random_orders(batch_size, self.seq_len, generator, device)
 
     def forward(self, tokens: Tensor, mask: Tensor, labels: Tensor, drop: Tensor | None = None) -> Tensor:
         """Conditions for every position.

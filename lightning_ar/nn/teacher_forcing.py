@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lightning_ar.nn.mar import MaskedAutoregressiveTransformer
-from lightning_ar.nn.masking import mask_from_orders, random_orders
+from lightning_ar.nn.masking import mask_from_orders
 
 
 @dataclass
@@ -59,8 +59,7 @@ def teacher_forced_conditions(
         The conditions of the ``masked_before(k) - schedule[k]`` tokens per sample that step ``k`` predicts.
     """
     b, seq_len = tokens.shape[:2]
-    fixed = getattr(mar, "generation_orders", None)  # a fixed-order (causal) transformer's own order
-    orders = fixed(b, tokens.device) if fixed is not None else random_orders(b, seq_len, generator, tokens.device)
+    orders = mar.generation_orders(b, tokens.device, generator)  # (B, L): random (MAR) or the fixed causal order
     before, after = masked_before(schedule, step, seq_len), schedule[step]
     mask = mask_from_orders(orders, before)  # (B, L): what is unknown before step k
     z = mar(tokens, mask, labels)  # (B, L, D)
