@@ -66,7 +66,7 @@ def write_config(root: Path, kill_at: int = -1, epochs: int = 3) -> Path:
 
 def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent), str(REPO)])}  # KillAtStep
     return subprocess.run([sys.executable, "-m", "lightning_ar.cli", *args], env=env, cwd=REPO, timeout=timeout,
                           capture_output=True, text=True)
 
