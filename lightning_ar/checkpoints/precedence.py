@@ -16,7 +16,6 @@ so without this the checkpoint silently wins over the command line.)
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from lightning_ar.checkpoints.loading import CheckpointError, resolve_class
@@ -25,16 +24,13 @@ LINKED = ("latent_shape", "num_classes", "latent_scale")
 
 
 def init_options(model_class: type) -> set[str]:
-    """The named ``__init__`` options of ``model_class``, those its ``**kwargs`` pass on to its bases included."""
-    names: set[str] = set()
-    for cls in model_class.__mro__:
-        if "__init__" not in vars(cls):
-            continue
-        params = inspect.signature(cls.__init__).parameters.values()
-        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return names
+    """The ``__init__`` options of ``model_class`` as the CLI sees them (jsonargparse's own reading of the signature,
+    which follows ``**kwargs`` into the bases and into the classes they build, e.g. ``SamplingOptions``)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(model_class, "model", fail_untyped=False)
+    return set(vars(parser.get_defaults().model))
 
 
 def architecture_options(model_class: type) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ A generator subclass builds its network in ``__init__`` after ``super().__init__
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning as L
@@ -22,7 +23,7 @@ from lightning_ar.nn.diffusion_loss import TIMESTEP_SPACINGS
 from lightning_ar.nn.mar import unpatchify
 from lightning_ar.nn.modes import eval_mode
 from lightning_ar.nn.sampler import ConditionRefiner
-from lightning_ar.nn.sampling_options import CfgSchedule, Sampler, SamplingOptions
+from lightning_ar.nn.sampling_options import SamplingOptions
 from lightning_ar.nn.trace import GenerationTrace
 from lightning_ar.progress import default_progress
 
@@ -49,12 +50,6 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
         optimizer: Optimizer factory called with parameter groups (default AdamW lr 1e-4, betas (0.9, 0.95),
             weight decay 0.02); biases, norms, embeddings of dimension 1 and the diffusion head get no weight decay.
         lr_scheduler: Scheduler factory, stepped every optimizer step (e.g. ``LinearLR`` for warmup then constant).
-        num_iter: Default number of AR sampling steps (``None``: the model's own, e.g. one per token).
-        cfg: Default classifier-free guidance scale (1 = off).
-        cfg_schedule: Default guidance schedule: ``linear`` (MAR) or ``constant``.
-        temperature: Default sampling temperature.
-        num_sampling_steps: Default denoising steps of the head per AR step (MAR: 100).
-        sampler: Default head sampler: ``ddpm``, ``ddim`` or ``dpm++``.
         timestep_spacing: Spacing of the head's sampling timesteps: ``leading`` (default), ``linspace`` (MAR's
             respacing; set by ``import-mar``) or ``trailing``.
         seed: Base seed of the training randomness: step ``s`` on process ``r`` draws masks, orders, label drop,
@@ -65,8 +60,11 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
             (MAR: 1e-4). ``None``: the optimizer's own lr.
         warmup_epochs: Linear warmup from 0 over this many epochs (steps per epoch from the Trainer: dataset length,
             batch size, world size), then constant (MAR: 100); excludes ``lr_scheduler``. ``None``: no warmup.
-        **lightning_keys: Keys Lightning stores beside the hyper-parameters (``_class_path``, ...) and hands back when
-            loading a checkpoint; ignored. Any other name is a ``TypeError``.
+        **sampling: The default sampling options, each a flat option of its own (``--model.cfg``, ...): the fields of
+            :class:`~lightning_ar.nn.SamplingOptions` (``num_iter``, ``cfg``, ``cfg_schedule``, ``temperature``,
+            ``num_sampling_steps``, ``sampler``; types, choices and help come from there). Keys Lightning stores
+            beside the hyper-parameters (``_class_path``, ...) and hands back when loading a checkpoint are ignored;
+            any other name is a ``TypeError``.
     """
 
     def __init__(
@@ -88,23 +86,25 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
         num_train_timesteps: int = 1000,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
-        num_iter: int | None = 8,
-        cfg: float = 1.0,
-        cfg_schedule: CfgSchedule = "linear",
-        temperature: float = 1.0,
-        num_sampling_steps: int = 100,
-        sampler: Sampler = "ddpm",
         timestep_spacing: str = "leading",
         seed: int = 0,
         base_lr: float | None = None,
         warmup_epochs: float | None = None,
-        **lightning_keys: Any,
+        **sampling: Any,
     ) -> None:
-        unknown = sorted(k for k in lightning_keys if not k.startswith("_"))
-        if unknown:  # only Lightning's own records (``_class_path``, ``_instantiator``) may come from a checkpoint
+        lightning_keys = [k for k in sampling if k.startswith("_")]  # Lightning's own records (``_class_path``)
+        for key in lightning_keys:
+            sampling.pop(key)
+        unknown = sorted(set(sampling) - set(SamplingOptions.names()))
+        if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected option(s) {unknown}")
+        try:
+            options = SamplingOptions(**sampling)  # the CLI reads the flat options' types and help from here
+        except ValueError as err:
+            raise ValueError(f"model.{err}") from None
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", *lightning_keys])
+        self.hparams.update(dataclasses.asdict(options))  # every sampling default, also those not given
         self.latent_shape = check_latent_shape(latent_shape, patch_size)
         c, h, w = self.latent_shape
         self.seq_len, self.token_dim = (h // patch_size) * (w // patch_size), patch_size * patch_size * c

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
+from argparse import ArgumentError
 
 import pytest
 import torch
+from jsonargparse import ArgumentParser
 
 from lightning_ar import (
     CausalARGenerator,
     ConditionalDiffusion,
-    DiffusionGenerator,
     Generator,
     HeadGenerator,
     MARGenerator,
@@ -28,12 +28,32 @@ TINY = dict(latent_shape=(1, 8, 8), num_classes=10, width=32, encoder_depth=1, d
 GENERATORS = (MARGenerator, CausalARGenerator, ConditionalDiffusion)
 
 
-def test_every_sampling_option_is_a_flat_option_of_the_base_with_the_same_default() -> None:
-    base = inspect.signature(DiffusionGenerator.__init__).parameters
+def _cli_defaults(cls: type) -> dict:
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "model", fail_untyped=False)
+    return vars(parser.get_defaults().model)
+
+
+@pytest.mark.parametrize("cls", GENERATORS)
+def test_every_sampling_option_is_a_flat_cli_option_read_from_the_dataclass(cls: type) -> None:
+    """The flat options (``--model.cfg``, ...) come from ``SamplingOptions`` itself (the generators' ``**sampling``
+    goes into it), so adding a field adds the option: nothing else lists them."""
+    defaults = _cli_defaults(cls)
+    own = {CausalARGenerator: {"num_iter": None}, ConditionalDiffusion: {"num_iter": None, "cfg_schedule": "constant"}}
     for field in dataclasses.fields(SamplingOptions):
-        assert field.name in base, field.name
-        assert base[field.name].default == field.default, field.name
-    assert SAMPLERS == ("ddpm", "ddim", "dpm++") and CFG_SCHEDULES == ("linear", "constant")  # Literal choices
+        assert defaults[field.name] == own.get(cls, {}).get(field.name, field.default), field.name
+    assert SAMPLERS == ("ddpm", "ddim", "dpm++") and CFG_SCHEDULES == ("linear", "constant")
+    assert set(SamplingOptions.names()) <= set(dict(cls(**TINY).hparams))  # every default is recorded
+
+
+def test_the_cli_offers_the_literal_choices() -> None:
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(MARGenerator, "model", fail_untyped=False)
+    help_text = parser.format_help()
+    assert "{ddpm,ddim,dpm++}" in help_text and "{linear,constant}" in help_text
+    assert parser.parse_args(["--model.sampler", "ddim"]).model.sampler == "ddim"
+    with pytest.raises(ArgumentError):
+        parser.parse_args(["--model.sampler", "euler"])
 
 
 @pytest.mark.parametrize("cls", GENERATORS)
