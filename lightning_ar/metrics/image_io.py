@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -47,8 +49,9 @@ def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     raise ValueError(f"unsupported .npy format version {major}")
 
 
-def npz_image_count(path: str | Path, name: str = "npz") -> int:
-    """``N`` of ``arr_0`` ``[N, H, W, 3]`` in an ADM ``.npz`` (read from the array header only)."""
+@contextmanager
+def _open_arr0(path: str | Path, name: str) -> Iterator[IO[bytes]]:
+    """The ``arr_0.npy`` member of an ADM ``.npz``, opened for reading (errors name ``name`` and the file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{name}: no file at {path}")
@@ -56,7 +59,13 @@ def npz_image_count(path: str | Path, name: str = "npz") -> int:
         if "arr_0.npy" not in zf.namelist():
             raise ValueError(f"{name}: {path} has no arr_0 (ADM format); members: {zf.namelist()}")
         with zf.open("arr_0.npy") as f:
-            return int(_read_npy_header(f)[0][0])
+            yield f
+
+
+def npz_image_count(path: str | Path, name: str = "npz") -> int:
+    """``N`` of ``arr_0`` ``[N, H, W, 3]`` in an ADM ``.npz`` (read from the array header only)."""
+    with _open_arr0(path, name) as f:
+        return int(_read_npy_header(f)[0][0])
 
 
 def reference_image_count(reference: str | Path) -> int:
@@ -68,21 +77,15 @@ def reference_image_count(reference: str | Path) -> int:
 def iter_npz_images(path: str | Path, batch_size: int, name: str = "npz") -> Iterator[np.ndarray]:
     """Stream ``arr_0`` of an ADM ``.npz`` (``np.savez`` or ``np.savez_compressed``) in ``uint8`` ``[B, H, W, 3]``
     batches; memory stays ``O(batch_size)`` however large the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{name}: no file at {path}")
-    with zipfile.ZipFile(path) as zf:
-        if "arr_0.npy" not in zf.namelist():
-            raise ValueError(f"{name}: {path} has no arr_0 (ADM format); members: {zf.namelist()}")
-        with zf.open("arr_0.npy") as f:
-            shape, fortran, dtype = _read_npy_header(f)
-            if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran:
-                raise ValueError(f"{name} {path}: expected arr_0 uint8 [N, H, W, 3] (ADM format), got {dtype} {shape}")
-            row_bytes = int(np.prod(shape[1:]))
-            for start in range(0, shape[0], batch_size):
-                n = min(batch_size, shape[0] - start)
-                batch = np.frombuffer(f.read(n * row_bytes), dtype=np.uint8).reshape(n, *shape[1:])
-                yield check_adm_images(batch, f"{name} {path}")
+    with _open_arr0(path, name) as f:
+        shape, fortran, dtype = _read_npy_header(f)
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran:
+            raise ValueError(f"{name} {path}: expected arr_0 uint8 [N, H, W, 3] (ADM format), got {dtype} {shape}")
+        row_bytes = int(np.prod(shape[1:]))
+        for start in range(0, shape[0], batch_size):
+            n = min(batch_size, shape[0] - start)
+            batch = np.frombuffer(f.read(n * row_bytes), dtype=np.uint8).reshape(n, *shape[1:])
+            yield check_adm_images(batch, f"{name} {path}")
 
 
 def image_files(folder: str | Path) -> list[Path]:

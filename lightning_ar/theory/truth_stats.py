@@ -26,19 +26,9 @@ METRICS = PER_SAMPLE + POOLED
 
 
 @dataclass
-class StackedStep:
-    """One AR step of one arm over ``S`` seeds of ``N`` samples (fields as in ``StepTruth``, with a seed axis)."""
-
-    num_tokens: int
-    excess_joint: Tensor
-    excess_token: Tensor
-    parallel_floor: Tensor
-    res_sum: Tensor
-    res_outer: Tensor
-
-    @property
-    def parallel(self) -> Tensor:
-        return self.excess_joint - self.excess_token
+class StackedStep(StepTruth):
+    """One AR step of one arm over ``S`` seeds of ``N`` samples (the fields of ``StepTruth``, each with a leading seed
+    axis: ``[S, N, ...]``)."""
 
     def subset(self, count: int) -> StackedStep:
         """The first ``count`` samples of every seed."""

@@ -160,7 +160,7 @@ def test_zero_sampling_steps_is_refused_not_the_default() -> None:
 @pytest.mark.parametrize("name", ["cfg", "temperature", "mask_ratio_std", "mlp_ratio", "latent_scale"])
 def test_nan_options_from_python_are_refused(name: str) -> None:
     """(jsonargparse already refuses ``nan`` for a float on the command line; from Python it arrives as is.)"""
-    with pytest.raises(ValueError, match=rf"model\.{name} must be a finite number, got nan"):
+    with pytest.raises(ValueError, match=rf"model\.{name} must be a finite number( > 0)?, got nan"):
         MARGenerator(**{**TINY, "width": 16, name: float("nan")})
     with pytest.raises(ValueError, match="data.latent_scale must be a finite number > 0, got inf"):
         LatentDataModule("gmm", latent_scale=float("inf"))
