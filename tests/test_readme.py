@@ -193,7 +193,7 @@ def _stand_ins(root: Path) -> None:
 
 def _tiny_official(root: Path) -> None:
     """A MAR-layout checkpoint of the debug overlay's model size for the tiny cache (16x8x8 latents, 64 tokens)."""
-    from test_import_mar import random_official
+    from helpers.official_mar import random_official
 
     layout = dict(width=32, depth=1, head_width=32, head_depth=1, token_dim=16, seq_len=64, buffer=64,
                   classes=len(CLASSES))
@@ -291,12 +291,12 @@ def _predict(root: Path, ckpt: str) -> Path:
 def test_evaluation_block(imagenet: Path) -> None:
     """Step 5: predict the ADM samples from the imported checkpoint, then score them by the published protocol
     (stored mu/sigma)."""
-    from test_imagenet_path import _random_inception_weights
+    from helpers.inception import random_inception_weights
 
     with np.load(_predict(imagenet, "mar_base.ckpt")) as samples:
         assert samples["arr_0"].shape == (2 * len(CLASSES), SIZE, SIZE, 3)
     weights = imagenet / "inception.pth"
-    _random_inception_weights(weights)
+    random_inception_weights(weights)
     _reference_batch(imagenet, weights)
     evaluate = commands(block("srun lightning-ar predict"))[1]
     with working_dir(imagenet):

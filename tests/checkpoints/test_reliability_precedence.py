@@ -113,7 +113,7 @@ TINY = MARSize(width=32, depth=1, num_heads=4, head_width=24, head_depth=1, cfg=
 
 def _tiny_official(classes: int, seq_len: int = 64, buffer: int = 4) -> dict[str, torch.Tensor]:
     """A random MAR state dict (official names) for 8x8x16 latents, patch 1: 64 tokens of dim 16."""
-    from test_import_mar import official_layout
+    from helpers.official_mar import official_layout
 
     g = torch.Generator().manual_seed(0)
     layout = official_layout(TINY.width, TINY.depth, TINY.head_width, TINY.head_depth, 16, seq_len, buffer, classes)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.inception import random_inception_weights
 from PIL import Image
 
 from lightning_ar.cli import main
@@ -28,27 +29,6 @@ METRICS = ("fid", "is", "is_std", "precision", "recall")
 FLOORS = ("fid_floor", "is_floor", "precision_floor", "recall_floor")
 
 pytestmark = pytest.mark.slow  # ~35 s for the module on one CPU thread (Inception at 299x299, ~80 images)
-
-
-def _random_inception_weights(path: Path) -> None:
-    """Save a random, BN-calibrated ``inception-v3-compat`` state dict where InceptionFeatures can load it."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
-
-    torch.save({}, path.with_name("empty.pth"))
-    with pytest.MonkeyPatch.context() as patch:  # no weights to load: keep the random initialisation
-        patch.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: pytest.fail("download attempted"))
-        patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-        torch.manual_seed(0)
-        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                       feature_extractor_weights_path=str(path.with_name("empty.pth")))
-    for module in net.modules():  # running statistics := those of one batch of random images
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None
-    images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (4, 3, SIZE, SIZE), dtype=np.uint8))
-    with torch.no_grad():
-        net.train()(images)
-    torch.save(net.state_dict(), path)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +48,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
             reference.append(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
             Image.fromarray(reference[-1]).save(root / "images" / name / f"{i}.png")
     np.savez(root / "ref.npz", arr_0=np.stack(reference))  # (12, 32, 32, 3) uint8: ADM reference batch
-    _random_inception_weights(root / "inception.pth")
+    random_inception_weights(root / "inception.pth", SIZE)
     return root
 
 
