@@ -144,6 +144,21 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
         """``options`` (default :attr:`default_options`) with ``overrides`` (``None`` values ignored) applied."""
         return (self.default_options if options is None else options).replace(**overrides)
 
+    # ----------------------------------------------------------------------------------------------- training
+    def diffusion_loss(self, latents: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The generator's training loss on a batch (what ``training_step`` minimises).
+
+        Args:
+            latents: ``[B, C, H, W]`` scaled latents.
+            labels: ``[B]`` class labels.
+            generator: RNG for everything the loss draws (label drop, timesteps, noise; MAR: also the mask ratio and
+                orders); the global RNG if ``None``.
+
+        Returns:
+            Scalar loss.
+        """
+        raise NotImplementedError
+
     # ----------------------------------------------------------------------------------------------- sampling
     def sample_tokens(self, labels: Tensor, options: SamplingOptions, *, generator: torch.Generator | None,
                       trace: GenerationTrace | None, refiner: ConditionRefiner | None, progress: bool) -> Tensor:

@@ -83,16 +83,7 @@ class CausalARGenerator(DiffusionGenerator):
 
     # ----------------------------------------------------------------------------------------------- training
     def diffusion_loss(self, latents: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Teacher-forced diffusion loss over all tokens of a batch.
-
-        Args:
-            latents: ``[B, C, H, W]`` scaled latents.
-            labels: ``[B]`` class labels.
-            generator: RNG for label drop, timesteps and noise (global RNG if ``None``).
-
-        Returns:
-            Scalar loss.
-        """
+        """Teacher-forced diffusion loss over all tokens of a batch (see :meth:`DiffusionGenerator.diffusion_loss`)."""
         self.check_batch_latents(latents)
         tokens = patchify(latents, self.hparams.patch_size)[:, self.mar.order]  # (B, L, Dt) generation order
         z = self.mar.conditions_ordered(tokens, labels, self.mar.label_drop(labels, generator))  # (B, L, W)

@@ -88,16 +88,7 @@ class ConditionalDiffusion(DiffusionGenerator):
         return self.classes(labels, drop)[:, None, :].expand(-1, self.seq_len, -1)
 
     def diffusion_loss(self, latents: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Mean diffusion loss of a batch (one timestep per image and repeat).
-
-        Args:
-            latents: ``[B, C, H, W]`` scaled latents.
-            labels: ``[B]`` class labels.
-            generator: RNG for label drop, timesteps and noise (global RNG if ``None``).
-
-        Returns:
-            Scalar loss.
-        """
+        """Mean diffusion loss of a batch, one timestep per image and repeat (``DiffusionGenerator.diffusion_loss``)."""
         self.check_batch_latents(latents)
         mul = self.hparams.diffusion_batch_mul
         tokens = patchify(latents, self.hparams.patch_size).repeat(mul, 1, 1)  # (B*mul, L, Dt)

@@ -72,16 +72,8 @@ class MARGenerator(DiffusionGenerator):
 
     # ----------------------------------------------------------------------------------------------- training
     def diffusion_loss(self, latents: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Mean diffusion loss over the masked tokens of a batch.
-
-        Args:
-            latents: ``[B, C, H, W]`` scaled latents.
-            labels: ``[B]`` class labels.
-            generator: RNG for mask ratio, orders, label drop, timesteps and noise (global RNG if ``None``).
-
-        Returns:
-            Scalar loss.
-        """
+        """Mean diffusion loss over the masked tokens of a batch; the mask ratio and orders come from ``generator`` too
+        (see :meth:`DiffusionGenerator.diffusion_loss`)."""
         self.check_batch_latents(latents)
         tokens = patchify(latents, self.hparams.patch_size)  # (B, L, Dt)
         ratio = sample_mask_ratio(generator, latents.device, low=self.hparams.mask_ratio_min,

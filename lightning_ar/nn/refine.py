@@ -11,7 +11,9 @@ is the debiased Sinkhorn divergence and ``Y_k`` are ideal (teacher-forced) condi
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -280,6 +282,11 @@ def labelled_clouds(
     return LabelledClouds(keep, used, a, b, src, tgt)
 
 
+FLOW_OPTIONS = frozenset({"steps", "eta", "blur", "scaling", "lam"})
+FLOW_DEFAULTS = {name: p.default for name, p in inspect.signature(sinkhorn_flow).parameters.items()
+                 if name in FLOW_OPTIONS}  # the flow's own defaults, written once in its signature
+
+
 def refine_conditions(
     z: Tensor,
     labels: Tensor,
@@ -289,13 +296,10 @@ def refine_conditions(
     target_positions: Tensor,
     num_classes: int,
     seq_len: int,
-    steps: int = 10,
-    eta: float = 1.0,
-    blur: float = 0.05,
-    scaling: float = 0.9,
-    lam: float = 0.0,
+    *,
     label_weight: float | None = None,
     record_trace: bool = True,
+    **flow: Any,
 ) -> RefinementResult:
     """Class- and position-aware Sinkhorn flow of ``z`` toward ``target``.
 
@@ -312,14 +316,11 @@ def refine_conditions(
         target_positions: ``[M]`` their token positions.
         num_classes: Number of classes.
         seq_len: Number of token positions.
-        steps: Number of flow steps.
-        eta: Step size.
-        blur: Entropic blur (> 0).
-        scaling: Epsilon-scaling ratio of the Sinkhorn solver.
-        lam: Strength of the proximity term.
         label_weight: Scale of the one-hot features; ``None`` picks the diameter of both clouds (at least
             ``10 * blur``), which makes crossing a group costlier than any move within one.
         record_trace: Measure the divergence along the flow (see :func:`sinkhorn_flow`).
+        **flow: The flow's options, as :func:`sinkhorn_flow` takes them (``steps``, ``eta``, ``blur``, ``scaling``,
+            ``lam``; its defaults otherwise).
 
     Returns:
         :class:`RefinementResult`; the trace is all zeros when no point has target mass.
@@ -327,17 +328,20 @@ def refine_conditions(
     _check_clouds(z, target)
     if label_weight is not None and not label_weight >= 0:
         raise ValueError(f"label_weight must be >= 0, got {label_weight}")
+    unknown = sorted(set(flow) - FLOW_OPTIONS)
+    if unknown:
+        raise TypeError(f"refine_conditions got unknown flow option(s) {unknown}; they are {sorted(FLOW_OPTIONS)}")
+    options = {**FLOW_DEFAULTS, **flow}
     clouds = labelled_clouds(z, labels, positions, target, target_labels, target_positions, num_classes, seq_len,
-                             blur, label_weight)
+                             options["blur"], label_weight)
     out, unmoved = z.clone(), int((~clouds.keep).sum())
     if clouds.src is None:
-        length = steps + 1 if record_trace else 0
+        length = options["steps"] + 1 if record_trace else 0
         return RefinementResult(conditions=out, trace=z.new_zeros(length, dtype=torch.float32), unmoved=unmoved)
     keep, used, a, b, src, tgt = clouds.keep, clouds.used, clouds.a, clouds.b, clouds.src, clouds.tgt
     d = z.shape[1]
-    result = sinkhorn_flow(
-        z[keep], target[used], steps, eta, blur, scaling, lam, a[keep], b[used], src[:, d:], tgt[:, d:], record_trace
-    )
+    result = sinkhorn_flow(z[keep], target[used], a=a[keep], b=b[used], extra_src=src[:, d:], extra_tgt=tgt[:, d:],
+                           record_trace=record_trace, **options)
     out[keep] = result.conditions
     return RefinementResult(conditions=out, trace=result.trace, unmoved=unmoved)
 

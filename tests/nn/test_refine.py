@@ -142,6 +142,8 @@ def test_bad_inputs_name_the_option() -> None:
     with pytest.raises(ValueError, match="label_weight"):
         refine_conditions(x, torch.zeros(10), torch.zeros(10), y, torch.zeros(12), torch.zeros(12), 1, 1,
                           label_weight=-1.0)
+    with pytest.raises(TypeError, match=r"unknown flow option\(s\) \['stepz'\]"):
+        refine_conditions(x, torch.zeros(10), torch.zeros(10), y, torch.zeros(12), torch.zeros(12), 1, 1, stepz=3)
 
 
 def test_bank_reservoir_is_uniform_and_bounded() -> None:
