@@ -13,6 +13,7 @@ import yaml
 from lightning_ar import CausalARGenerator, ConditionalDiffusion, GenerationTrace, MARGenerator, OTRefinement
 from lightning_ar.checkpoints.loading import CheckpointError, record_class
 from lightning_ar.cli import build_cli, main
+from lightning_ar.nn.entropic_map import FITTED
 from lightning_ar.theory.measures import score_norms
 
 REPO = Path(__file__).resolve().parents[2]
@@ -337,3 +338,21 @@ def test_diffusion_loss_names_latent_shape_for_wrong_data(make: str, tiny_genera
     module = {"mar": lambda: tiny_generator, "ar": _tiny_ar, "cdm": _tiny_cdm}[make]()
     with pytest.raises(ValueError, match=r"data latents have shape \(1, 4, 4\) but model.latent_shape"):
         module.diffusion_loss(torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.slow
+def test_shipped_gmm_refinement_fits_the_map_and_tests_every_variant(tmp_path: Path) -> None:
+    """The shipped ``gmm/refine.yaml`` (with the debug overlays) through the CLI: the bank epoch ends with the map
+    fitted on-policy, it is stored in the checkpoint, and ``test`` scores the ``map`` variant beside the others."""
+    mar, debug = str(REPO / "configs/gmm/mar.yaml"), str(REPO / "configs/debug.yaml")
+    main(_args("fit", [mar, debug], tmp_path, "fit"))
+    gen = tmp_path / "mar" / "fit" / "checkpoints" / "last.ckpt"
+    refine = str(REPO / "configs/gmm/refine.yaml")
+    main(_args("fit", [refine, DEBUG_REFINE], tmp_path, "fit", "--model.init_args.generator", str(gen)))
+    refined = tmp_path / "refine" / "fit" / "checkpoints" / "last.ckpt"
+    state = torch.load(refined, weights_only=False)["state_dict"]
+    assert (state["entropic_map.status"] == FITTED).sum() >= 1  # the map travels in the checkpoint
+    main(_args("test", [refine, DEBUG_REFINE], tmp_path, "test", "--ckpt_path", str(refined)))
+    results = _results(tmp_path, "refine", "test")
+    assert {"none", "flow", "map"} <= set(results)
+    assert results["map"]["num_samples"] > 0 and results["map"]["nll"] == results["map"]["nll"]  # finite, not NaN
