@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo lint clean bench bench-compare
+.PHONY: install test test-fast demo lint clean bench bench-compare bench-reference
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ bench: install
 # Ratios new/old of two bench results: `make bench-compare` (two latest) or OLD=... NEW=...
 bench-compare: install
 	$(BIN)/python benchmarks/compare.py $(OLD) $(NEW)
+
+# Side by side with a checkout of LTH14/mar at identical settings (never in CI): `make bench-reference REF=../mar`
+bench-reference: install
+	$(BIN)/python benchmarks/compare_reference.py $(REF) --out outputs/bench/compare-reference.json
 
 lint: install
 	$(BIN)/ruff check lightning_ar tests

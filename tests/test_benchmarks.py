@@ -76,3 +76,11 @@ def test_sampler_quality_reads_any_generator_checkpoint(name: str, tmp_path: Pat
     assert result["model"] == name and set(result["settings"]) == {"ddpm-100", "ddim-2"}
     for row in result["settings"].values():
         assert math.isfinite(row["fid_pooled"]) and 0 <= row["cond_acc_pooled"] <= 1 and row["sec_per_image"] > 0
+
+
+def test_compare_reference_refuses_a_folder_that_is_not_a_mar_checkout(tmp_path: Path) -> None:
+    """The side-by-side comparison needs the user's own LTH14/mar checkout; anything else is named and refused."""
+    import compare_reference
+
+    with pytest.raises(SystemExit, match="is not a checkout of LTH14/mar"):
+        compare_reference.main([str(tmp_path), "--rounds", "1", "--steps", "1", "--configs", "digits"])

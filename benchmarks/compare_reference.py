@@ -1,0 +1,151 @@
+"""Side by side with the reference MAR (LTH14/mar) at identical settings, in one process, alternating rounds.
+
+    python benchmarks/compare_reference.py /path/to/LTH14/mar [--rounds 3] [--out benchmarks/results/x.json]
+    make bench-reference REF=/path/to/LTH14/mar
+
+The reference is imported from the user's own checkout at run time (none of its code is in this repository); its
+hard-coded ``.cuda()`` calls are made no-ops on CPU for the duration of its calls. Both models get the same
+architecture (checked: parameter counts printed side by side), the same batch and fp32; each round times training
+steps (forward, backward, AdamW step) and one guided DDPM-100 generation of each model, alternating which goes first.
+Ratios are reference time / our time (> 1: we are faster), medians over the rounds. Never run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_ar import MARGenerator
+
+# name -> (latent C, H, W, patch, width, depth, heads, head width, head depth, batch, AR steps for sampling, samples)
+CONFIGS: dict[str, dict[str, int]] = {
+    "digits": dict(c=1, h=8, patch=2, width=128, depth=2, heads=4, head_width=256, head_depth=3, batch=128,
+                   num_iter=8, samples=64),
+    "imagenet_small": dict(c=16, h=16, patch=1, width=256, depth=4, heads=4, head_width=512, head_depth=3, batch=16,
+                           num_iter=8, samples=8),
+}
+NUM_CLASSES, BUFFER, CFG, SAMPLING_STEPS = 10, 4, 3.0, 100
+
+
+@contextmanager
+def cuda_is_cpu() -> Iterator[None]:
+    """Make ``Tensor.cuda()`` return the tensor itself (the reference calls it unconditionally)."""
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original  # type: ignore[method-assign]
+
+
+def reference_model(ref_dir: Path, cfg: dict[str, int]) -> torch.nn.Module:
+    """The reference ``MAR`` with the settings of ``cfg`` (imported from ``ref_dir``)."""
+    if not (ref_dir / "models" / "mar.py").is_file():
+        raise SystemExit(f"REF_DIR: {ref_dir} is not a checkout of LTH14/mar (no models/mar.py)")
+    sys.path.insert(0, str(ref_dir))
+    from models.mar import MAR
+
+    return MAR(img_size=cfg["h"], vae_stride=1, patch_size=cfg["patch"], encoder_embed_dim=cfg["width"],
+               encoder_depth=cfg["depth"], encoder_num_heads=cfg["heads"], decoder_embed_dim=cfg["width"],
+               decoder_depth=cfg["depth"], decoder_num_heads=cfg["heads"], vae_embed_dim=cfg["c"],
+               class_num=NUM_CLASSES, buffer_size=BUFFER, diffloss_d=cfg["head_depth"], diffloss_w=cfg["head_width"],
+               num_sampling_steps=str(SAMPLING_STEPS), diffusion_batch_mul=4)
+
+
+def our_model(cfg: dict[str, int]) -> MARGenerator:
+    """Our ``MARGenerator`` with the same architecture."""
+    return MARGenerator((cfg["c"], cfg["h"], cfg["h"]), NUM_CLASSES, 1.0, patch_size=cfg["patch"], width=cfg["width"],
+                        encoder_depth=cfg["depth"], decoder_depth=cfg["depth"], num_heads=cfg["heads"],
+                        buffer_size=BUFFER, head_width=cfg["head_width"], head_depth=cfg["head_depth"],
+                        num_sampling_steps=SAMPLING_STEPS, timestep_spacing="linspace")
+
+
+def _seconds(fn: Callable[[], Any], repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: Callable[[], torch.Tensor]) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss().backward()
+    optimizer.step()
+
+
+def compare(ref_dir: Path, name: str, cfg: dict[str, int], rounds: int, steps: int) -> dict[str, Any]:
+    """Median seconds per training step and per generation of both models over ``rounds`` alternating rounds."""
+    torch.manual_seed(0)
+    ref, ours = reference_model(ref_dir, cfg).train(), our_model(cfg).train()
+    latents = torch.randn(cfg["batch"], cfg["c"], cfg["h"], cfg["h"])
+    labels = torch.arange(cfg["batch"]) % NUM_CLASSES
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    sample_labels = torch.arange(cfg["samples"]) % NUM_CLASSES
+
+    def ref_train() -> None:
+        with cuda_is_cpu():
+            train_step(ref, opt_ref, lambda: ref(latents, labels))
+
+    def our_train() -> None:
+        train_step(ours, opt_ours, lambda: ours.diffusion_loss(latents, labels, torch.Generator().manual_seed(0)))
+
+    def ref_sample() -> None:
+        with cuda_is_cpu(), torch.no_grad():
+            ref.eval().sample_tokens(cfg["samples"], num_iter=cfg["num_iter"], cfg=CFG, labels=sample_labels)
+        ref.train()
+
+    def our_sample() -> None:
+        ours.generate(sample_labels, num_iter=cfg["num_iter"], cfg=CFG, progress=False,
+                      generator=torch.Generator().manual_seed(0))
+
+    times: dict[str, list[float]] = {k: [] for k in ("ref_train", "our_train", "ref_sample", "our_sample")}
+    ref_train(), our_train()  # warm-up
+    for r in range(rounds):
+        pairs = [("ref", ref_train, ref_sample), ("our", our_train, our_sample)]
+        for who, train, sample in pairs if r % 2 == 0 else pairs[::-1]:
+            times[f"{who}_train"].append(_seconds(train, steps))
+            times[f"{who}_sample"].append(_seconds(sample, 1))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "config": name, **cfg, "cfg": CFG, "sampling_steps": SAMPLING_STEPS, "threads": torch.get_num_threads(),
+        "params_reference": sum(p.numel() for p in ref.parameters()),
+        "params_ours": sum(p.numel() for p in ours.parameters()),
+        "seconds": med, "rounds": times,
+        "train_ratio": med["ref_train"] / med["our_train"], "sample_ratio": med["ref_sample"] / med["our_sample"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the comparison for every config; print and (with ``--out``) write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("ref_dir", type=Path, help="a checkout of github.com/LTH14/mar")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians over them)")
+    parser.add_argument("--steps", type=int, default=5, help="training steps timed per round")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    opts = parser.parse_args(argv)
+    if opts.rounds < 1 or opts.steps < 1:
+        parser.error("--rounds and --steps must be >= 1")
+    results = {"results": [compare(opts.ref_dir.resolve(), n, CONFIGS[n], opts.rounds, opts.steps)
+                           for n in opts.configs],
+               "torch": torch.__version__, "precision": "fp32", "device": "cpu"}
+    text = json.dumps(results, indent=2)
+    print(text)
+    if opts.out is not None:
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        opts.out.write_text(text + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
