@@ -6,12 +6,11 @@ Helpers that tests import live in ``tests/helpers`` (on the path by ``pythonpath
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers.tiny import TINY, save_generator_checkpoint
+from helpers.tiny import TINY
 
 from lightning_ar import MARGenerator
 
@@ -39,9 +38,3 @@ def tiny_generator() -> MARGenerator:
     torch.manual_seed(0)
     return MARGenerator(latent_shape=(1, 8, 8), num_classes=10, latent_scale=1.3, **TINY)
 
-
-@pytest.fixture
-def generator_checkpoint(tmp_path: Path) -> Callable[..., str]:
-    """``generator_checkpoint(source="digits", **overrides)``: the path of a tiny untrained generator's checkpoint."""
-    return lambda source="digits", **overrides: save_generator_checkpoint(tmp_path / f"{source}-gen.ckpt", source,
-                                                                          **overrides)

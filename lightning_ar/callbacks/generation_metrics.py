@@ -85,6 +85,7 @@ class GenerationMetrics(Callback):
         self._counts: dict[str, int] = {}
         self._refine_seconds: dict[str, float] = {}
         self._active = False
+        self._refines = False  # the module reports refinement time (an OTRefinement); set in setup
         self.last_results: dict[str, dict[str, float]] = {}
 
     @override
@@ -93,6 +94,7 @@ class GenerationMetrics(Callback):
             raise ValueError(f"GenerationMetrics.every_n_epochs must be >= 1, got {self.every_n_epochs}")
         if not isinstance(pl_module, Generator):
             raise TypeError(f"GenerationMetrics needs a module with generate(labels, ...); got {type(pl_module)}")
+        self._refines = isinstance(pl_module, Refinement)
         for name, kwargs in self.variants.items():
             if not isinstance(kwargs, dict):
                 raise TypeError(f"GenerationMetrics.variants[{name!r}] must be a dict of generate() arguments")
@@ -121,7 +123,7 @@ class GenerationMetrics(Callback):
             latents = pl_module.generate(labels, generator=generator, **kwargs)
             _synchronize(pl_module.device)
             self._seconds[name] += time.perf_counter() - start
-            stats = pl_module.last_generation_stats if isinstance(pl_module, Refinement) else {}
+            stats = pl_module.last_generation_stats if self._refines else {}
             self._refine_seconds[name] += float(stats.get("refine_seconds", 0.0))
             self._counts[name] += labels.shape[0]
             self._evaluators[name].update(latents, labels)
@@ -135,7 +137,7 @@ class GenerationMetrics(Callback):
             row.update(self._evaluators[name].reference())
             row["sec_per_image"] = self._seconds[name] / max(self._counts[name], 1)
             row["num_samples"] = float(self._counts[name])
-            if isinstance(pl_module, Refinement):
+            if self._refines:
                 row["refine_share"] = self._refine_seconds[name] / max(self._seconds[name], 1e-12)
             results[name] = row
             prefix = stage if list(self.variants) == [DEFAULT_VARIANT] else f"{stage}/{name}"
