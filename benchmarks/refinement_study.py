@@ -148,7 +148,7 @@ def run_one(regime: str, seed: int, runs: Path, out: Path, pool_samples: int, nu
     settings = TruthSettings(num_samples=num_samples, seed=seed)
     labels, scale = labels_for(source, num_samples), float(gen.hparams.latent_scale)
     hooks = {"none": None, "flow": module._hook("flow"), "map": module._hook("map"),
-             "shrink": ShrinkControl(module.bank, gen.seq_len, module.flow.eta)}
+             "shrink": ShrinkControl(module.bank, gen.seq_len, module.flow.options.eta)}
     arms, seconds = {}, {}
     for name, hook in hooks.items():
         t0 = time.perf_counter()

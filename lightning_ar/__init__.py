@@ -43,7 +43,15 @@ from lightning_ar.nn import (
     StepRecord,
 )
 from lightning_ar.nn.entropic_map import EntropicMap, MapSettings, solve_entropic_ot
-from lightning_ar.nn.refine import AmortizedRefiner, ConditionBank, RefinementResult, refine_conditions, sinkhorn_flow
+from lightning_ar.nn.labelled_conditions import LabelledConditions
+from lightning_ar.nn.refine import (
+    AmortizedRefiner,
+    ConditionBank,
+    FlowOptions,
+    RefinementResult,
+    refine_conditions,
+    sinkhorn_flow,
+)
 from lightning_ar.theory import (
     ConditionModel,
     TruthSettings,
@@ -87,6 +95,8 @@ __all__ = [
     "SinkhornDivergenceMonitor",
     "OTRefinement",
     "RefinementResult",
+    "FlowOptions",
+    "LabelledConditions",
     "EntropicMap",
     "MapSettings",
     "solve_entropic_ot",

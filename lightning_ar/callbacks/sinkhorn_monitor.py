@@ -143,7 +143,7 @@ class SinkhornDivergenceMonitor(TheoryMonitor):
     def _flow(self, pl_module: L.LightningModule, traces: list[GenerationTrace], refs: list, pools: list[StepPool],
               stats: dict) -> dict:
         """Flow claims against held-out ideal conditions (``flow_steps >= 10`` only)."""
-        steps = pl_module.flow.steps
+        steps = pl_module.flow.options.steps
         if steps < MIN_FLOW_STEPS:
             return not_measurable(steps)
         num_images = sum(int(t.steps[0].positions.shape[0]) for t in traces)

@@ -37,7 +37,7 @@ from lightning_ar.modules.utils import check_finite_hparams, default
 from lightning_ar.nn.entropic_map import EntropicMap, MapSettings
 from lightning_ar.nn.mar import patchify
 from lightning_ar.nn.masking import cosine_schedule
-from lightning_ar.nn.refine import AmortizedRefiner, ConditionBank
+from lightning_ar.nn.refine import AmortizedRefiner, ConditionBank, FlowOptions, LabelledConditions
 from lightning_ar.nn.refiners import AmortizedHook, FlowRefiner, FlowSettings, MapFitter, MapHook, labelled_divergence
 from lightning_ar.nn.teacher_forcing import teacher_forced_conditions
 from lightning_ar.nn.trace import GenerationTrace
@@ -171,7 +171,8 @@ class OTRefinement(L.LightningModule):
             raise ValueError(f"model.mode must be one of {MODES}, got {mode!r}")
         if bank_epochs < 1 or teacher_passes < 1:
             raise ValueError("model.bank_epochs and model.teacher_passes must be >= 1")
-        self.flow = FlowSettings(flow_steps, flow_eta, flow_blur, flow_scaling, flow_lam, label_weight, target_size)
+        self.flow = FlowSettings(FlowOptions(flow_steps, flow_eta, flow_blur, flow_scaling, flow_lam), label_weight,
+                                 target_size)
         num_iter, width = gen.hparams.num_iter, gen.mar.width
         self.schedule = cosine_schedule(gen.seq_len, num_iter)
         self.bank = ConditionBank(num_iter, bank_capacity, width)
@@ -292,9 +293,9 @@ class OTRefinement(L.LightningModule):
             z0, lab, pos = trace.conditions_at(k)
             z = self.refiner(z0, lab, k)
             target = self.bank.sample(k, self.flow.target_size, generator)
-            div = labelled_divergence(z, lab, pos, *target, self._num_classes, self.mar_generator.seq_len,
-                                      self.flow)
-            loss = loss + div + 0.5 * self.flow.lam * ((z - z0) ** 2).sum(-1).mean()
+            div = labelled_divergence(LabelledConditions(z, lab, pos), target, self._num_classes,
+                                      self.mar_generator.seq_len, self.flow)
+            loss = loss + div + 0.5 * self.flow.options.lam * ((z - z0) ** 2).sum(-1).mean()
         return loss
 
     @property
@@ -363,8 +364,8 @@ class OTRefinement(L.LightningModule):
         """The ``K + 1`` states ``[N, D]`` of the flow at AR step ``step`` (``K = flow_steps``; state 0 is ``z``):
         exactly the conditions sampling would hold after each flow step (same target subsample)."""
         out = []
-        for j in range(self.flow.steps + 1):
-            settings = replace(self.flow, steps=j)
+        for j in range(self.flow.options.steps + 1):
+            settings = replace(self.flow, options=self.flow.options.replace(steps=j))
             out.append(FlowRefiner(self.bank, settings, self._num_classes, self.mar_generator.seq_len,
                                    self.hparams.seed, None, False)(z, labels, positions, step))
         return out

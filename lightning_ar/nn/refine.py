@@ -11,8 +11,7 @@ is the debiased Sinkhorn divergence and ``Y_k`` are ideal (teacher-forced) condi
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -20,7 +19,41 @@ import torch.nn.functional as F
 from geomloss import SamplesLoss
 from torch import Tensor, nn
 
+from lightning_ar.nn.labelled_conditions import LabelledConditions
 from lightning_ar.nn.sinkhorn import divergence_flow_field
+
+
+@dataclass(frozen=True)
+class FlowOptions:
+    """Options of the Sinkhorn gradient flow (SPEC 2.3), validated on construction (errors name the field).
+
+    Attributes:
+        steps: Number of flow steps ``K`` (>= 0).
+        eta: Step size (> 0; 1 moves each point onto its entropic transport target when ``lam = 0``).
+        blur: Entropic blur of the divergence (> 0, in condition units).
+        scaling: Epsilon-scaling ratio of the Sinkhorn solver, in ``(0, 1)``.
+        lam: Strength (>= 0) of the proximity term pulling ``C`` back to ``C0``.
+    """
+
+    steps: int = 10
+    eta: float = 1.0
+    blur: float = 0.05
+    scaling: float = 0.9
+    lam: float = 0.0
+
+    def __post_init__(self) -> None:
+        rules = (("steps", self.steps >= 0, ">= 0"), ("eta", self.eta > 0, "> 0"), ("blur", self.blur > 0, "> 0"),
+                 ("scaling", 0 < self.scaling < 1, "in (0, 1)"), ("lam", self.lam >= 0, ">= 0"))
+        for name, ok, rule in rules:
+            if not ok:
+                raise ValueError(f"flow {name} must be {rule}, got {getattr(self, name)}")
+
+    def replace(self, **changes: Any) -> FlowOptions:
+        """A copy with ``changes`` (validated; an unknown name is a ``TypeError`` naming it)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise TypeError(f"unknown flow option(s) {unknown}; they are {[f.name for f in fields(self)]}")
+        return replace(self, **changes)
 
 
 @dataclass
@@ -141,14 +174,8 @@ def group_matched_weights(src_groups: Tensor, tgt_groups: Tensor) -> tuple[Tenso
     return a, b, keep_src
 
 
-def _check_flow_args(steps: int, eta: float, lam: float, a: Tensor | None, n: int) -> None:
-    """Raise ``ValueError`` naming the option when a flow argument is out of range."""
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    if not eta > 0:
-        raise ValueError(f"eta must be > 0, got {eta}")
-    if not lam >= 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
+def _check_weights(a: Tensor | None, n: int) -> None:
+    """Raise ``ValueError`` unless the source weights ``a`` are ``[n]`` and positive."""
     if a is not None and (a.shape != (n,) or not bool((a > 0).all())):
         raise ValueError(f"a must be [N={n}] with positive entries (drop zero-weight points first)")
 
@@ -158,26 +185,22 @@ def _extend(c: Tensor, extra: Tensor | None) -> Tensor:
     return c if extra is None else torch.cat([c, extra], dim=1)
 
 
-def _value(c: Tensor, y: Tensor, extra: Tensor | None, blur: float, scaling: float, a: Tensor | None,
-           b: Tensor | None) -> Tensor:
+def _value(c: Tensor, y: Tensor, extra: Tensor | None, opts: FlowOptions, a: Tensor, b: Tensor) -> Tensor:
     """Divergence ``S_eps`` at ``c`` ``[N, D]`` (detached scalar; a measurement for the trace)."""
     with torch.no_grad():
-        return sinkhorn_divergence(_extend(c, extra), y, blur, scaling, a, b).detach()
+        return sinkhorn_divergence(_extend(c, extra), y, opts.blur, opts.scaling, a, b).detach()
 
 
 def sinkhorn_flow(
     c0: Tensor,
     target: Tensor,
-    steps: int = 10,
-    eta: float = 1.0,
-    blur: float = 0.05,
-    scaling: float = 0.9,
-    lam: float = 0.0,
+    options: FlowOptions | None = None,
+    *,
     a: Tensor | None = None,
     b: Tensor | None = None,
-    extra_src: Tensor | None = None,
-    extra_tgt: Tensor | None = None,
+    extra: tuple[Tensor, Tensor] | None = None,
     record_trace: bool = True,
+    **overrides: Any,
 ) -> RefinementResult:
     """Explicit Wasserstein gradient flow of ``S_eps(C, Y) + lam/2 * mean ||C - C0||^2`` (SPEC 2.3).
 
@@ -188,49 +211,53 @@ def sinkhorn_flow(
     Args:
         c0: ``[N, D]`` initial conditions.
         target: ``[M, D]`` target samples ``Y``.
-        steps: Number of flow steps ``K``.
-        eta: Step size (1 moves each point onto its entropic transport target when ``lam = 0``).
-        blur: Entropic blur of the divergence (> 0).
-        scaling: Epsilon-scaling ratio of the Sinkhorn solver.
-        lam: Strength of the proximity term pulling ``C`` back to ``C0``.
+        options: The flow's :class:`FlowOptions` (its defaults when ``None``).
         a: ``[N]`` positive source weights summing to 1 (uniform when ``None``).
         b: ``[M]`` target weights summing to 1 (uniform when ``None``).
-        extra_src: ``[N, E]`` fixed feature columns appended to ``C`` for the divergence, never moved.
-        extra_tgt: ``[M, E]`` fixed feature columns appended to ``Y``.
+        extra: ``([N, E], [M, E])`` fixed feature columns appended to ``C`` and to ``Y`` for the divergence, never
+            moved (e.g. the labelled one-hots).
         record_trace: Measure the divergence before each step and after the last (``K + 1`` extra debiased
             Sinkhorn solves, a measurement only); without it the trace is empty. The flow itself is the same.
+        **overrides: Fields of ``options`` to change (``steps=3``, ...).
 
     Returns:
         :class:`RefinementResult` with ``[N, D]`` conditions and the ``[K+1]`` divergence trace (``[0]`` without
         ``record_trace``).
     """
+    opts = (options or FlowOptions()).replace(**overrides)
     _check_clouds(c0, target)
-    _check_flow_args(steps, eta, lam, a, len(c0))
-    if (extra_src is None) != (extra_tgt is None):
-        raise ValueError("extra_src and extra_tgt must be given together")
+    _check_weights(a, len(c0))
     # the trace's geomloss solve enables autograd internally: clone the inputs out of inference mode (e.g. inside
     # Lightning's test loop) so that this is allowed
     with torch.inference_mode(False):
         init = c0.detach().float().clone()  # (N, D)
-        y = _extend(target.detach().float().clone(), None if extra_tgt is None else extra_tgt.float().clone())
-        extra = None if extra_src is None else extra_src.detach().float().clone()  # (N, E)
+        extra_src, extra_tgt = (None, None) if extra is None else (t.detach().float().clone() for t in extra)
+        y = _extend(target.detach().float().clone(), extra_tgt)  # (M, D + E)
         a_flow = torch.full_like(init[:, 0], 1.0 / len(init)) if a is None else a.float().clone()  # (N,)
         b_flow = torch.full_like(y[:, 0], 1.0 / len(y)) if b is None else b.float().clone()  # (M,)
-        # epsilon-scaling starts at the diameter of the moving coordinates only: fixed feature columns (labels) only
-        # separate groups whose masses are matched anyway, so annealing over their scale would be wasted iterations
-        diameter = _diameter(init, target.detach().float())
-        c, trace = init, []
-        for _ in range(steps):
-            if record_trace:
-                trace.append(_value(c, y, extra, blur, scaling, a_flow, b_flow))
-            field = divergence_flow_field(_extend(c, extra), y, a_flow, b_flow, blur, scaling, diameter, c.shape[1])
-            c = c - eta * (field + lam * (c - init))  # (N, D)
-        if record_trace:
-            trace.append(_value(c, y, extra, blur, scaling, a_flow, b_flow))
+        c, trace = _run_flow(init, y, extra_src, a_flow, b_flow, opts, record_trace, _diameter(init, target.float()))
     if not _all_finite(c):
-        raise ValueError(f"the flow diverged (non-finite conditions); reduce eta={eta} or lam={lam}")
+        raise ValueError(f"the flow diverged (non-finite conditions); reduce eta={opts.eta} or lam={opts.lam}")
     trace = torch.stack(trace) if trace else init.new_zeros(0)
     return RefinementResult(conditions=c.to(c0.dtype), trace=trace)
+
+
+def _run_flow(init: Tensor, y: Tensor, extra: Tensor | None, a: Tensor, b: Tensor, opts: FlowOptions,
+              record_trace: bool, diameter: float) -> tuple[Tensor, list[Tensor]]:
+    """The flow's steps from ``init`` ``[N, D]`` toward ``y`` ``[M, D + E]``: final ``[N, D]`` and the trace.
+
+    Epsilon-scaling starts at ``diameter``, that of the moving coordinates only: fixed feature columns (labels) only
+    separate groups whose masses are matched anyway, so annealing over their scale would be wasted iterations.
+    """
+    c, trace = init, []
+    for _ in range(opts.steps):
+        if record_trace:
+            trace.append(_value(c, y, extra, opts, a, b))
+        field = divergence_flow_field(_extend(c, extra), y, a, b, opts.blur, opts.scaling, diameter, c.shape[1])
+        c = c - opts.eta * (field + opts.lam * (c - init))  # (N, D)
+    if record_trace:
+        trace.append(_value(c, y, extra, opts, a, b))
+    return c, trace
 
 
 @dataclass
@@ -255,12 +282,8 @@ class LabelledClouds:
 
 
 def labelled_clouds(
-    z: Tensor,
-    labels: Tensor,
-    positions: Tensor,
-    target: Tensor,
-    target_labels: Tensor,
-    target_positions: Tensor,
+    source: LabelledConditions,
+    target: LabelledConditions,
     num_classes: int,
     seq_len: int,
     blur: float,
@@ -271,77 +294,61 @@ def labelled_clouds(
     ``label_weight=None`` picks the diameter of both clouds (at least ``10 * blur``), which makes crossing a group
     costlier than any move within one.
     """
-    a, b, keep = group_matched_weights(labels * seq_len + positions, target_labels * seq_len + target_positions)
+    a, b, keep = group_matched_weights(source.groups(seq_len), target.groups(seq_len))
     used = b > 0  # (M,)
     if not bool(keep.any()):
         return LabelledClouds(keep, used, a, b, None, None)
-    src_z, tgt_z = z[keep].float(), target[used].float()
+    src_z, tgt_z = source.conditions[keep].float(), target.conditions[used].float()
     weight = max(_diameter(src_z.detach(), tgt_z), 10 * blur) if label_weight is None else label_weight
-    src = labelled(src_z, labels[keep], positions[keep], num_classes, seq_len, weight)  # (n, D + C + L)
-    tgt = labelled(tgt_z, target_labels[used], target_positions[used], num_classes, seq_len, weight)  # (m, ...)
+    src = labelled(src_z, source.labels[keep], source.positions[keep], num_classes, seq_len, weight)  # (n, D+C+L)
+    tgt = labelled(tgt_z, target.labels[used], target.positions[used], num_classes, seq_len, weight)  # (m, ...)
     return LabelledClouds(keep, used, a, b, src, tgt)
 
 
-FLOW_OPTIONS = frozenset({"steps", "eta", "blur", "scaling", "lam"})
-FLOW_DEFAULTS = {name: p.default for name, p in inspect.signature(sinkhorn_flow).parameters.items()
-                 if name in FLOW_OPTIONS}  # the flow's own defaults, written once in its signature
-
-
 def refine_conditions(
-    z: Tensor,
-    labels: Tensor,
-    positions: Tensor,
-    target: Tensor,
-    target_labels: Tensor,
-    target_positions: Tensor,
+    source: LabelledConditions,
+    target: LabelledConditions,
     num_classes: int,
     seq_len: int,
+    options: FlowOptions | None = None,
     *,
     label_weight: float | None = None,
     record_trace: bool = True,
-    **flow: Any,
+    **overrides: Any,
 ) -> RefinementResult:
-    """Class- and position-aware Sinkhorn flow of ``z`` toward ``target``.
+    """Class- and position-aware Sinkhorn flow of the ``source`` conditions toward the ``target`` ones.
 
     Target mass is matched per ``(class, position)`` group to the source's (:func:`group_matched_weights`) and
     ``label_weight``-scaled one-hot features are appended to both clouds as fixed columns. Points whose group has
     no target point are returned unchanged and counted in ``unmoved``.
 
     Args:
-        z: ``[N, D]`` produced conditions.
-        labels: ``[N]`` their class labels.
-        positions: ``[N]`` their token positions.
-        target: ``[M, D]`` ideal conditions.
-        target_labels: ``[M]`` their class labels.
-        target_positions: ``[M]`` their token positions.
+        source: Produced conditions ``[N, D]`` with their labels and positions ``[N]``.
+        target: Ideal conditions ``[M, D]`` with their labels and positions ``[M]``.
         num_classes: Number of classes.
         seq_len: Number of token positions.
+        options: The flow's :class:`FlowOptions` (its defaults when ``None``).
         label_weight: Scale of the one-hot features; ``None`` picks the diameter of both clouds (at least
             ``10 * blur``), which makes crossing a group costlier than any move within one.
         record_trace: Measure the divergence along the flow (see :func:`sinkhorn_flow`).
-        **flow: The flow's options, as :func:`sinkhorn_flow` takes them (``steps``, ``eta``, ``blur``, ``scaling``,
-            ``lam``; its defaults otherwise).
+        **overrides: Fields of ``options`` to change (``steps=3``, ...).
 
     Returns:
         :class:`RefinementResult`; the trace is all zeros when no point has target mass.
     """
-    _check_clouds(z, target)
+    z = source.conditions
+    _check_clouds(z, target.conditions)
     if label_weight is not None and not label_weight >= 0:
         raise ValueError(f"label_weight must be >= 0, got {label_weight}")
-    unknown = sorted(set(flow) - FLOW_OPTIONS)
-    if unknown:
-        raise TypeError(f"refine_conditions got unknown flow option(s) {unknown}; they are {sorted(FLOW_OPTIONS)}")
-    options = {**FLOW_DEFAULTS, **flow}
-    clouds = labelled_clouds(z, labels, positions, target, target_labels, target_positions, num_classes, seq_len,
-                             options["blur"], label_weight)
+    opts = (options or FlowOptions()).replace(**overrides)
+    clouds = labelled_clouds(source, target, num_classes, seq_len, opts.blur, label_weight)
     out, unmoved = z.clone(), int((~clouds.keep).sum())
     if clouds.src is None:
-        length = options["steps"] + 1 if record_trace else 0
+        length = opts.steps + 1 if record_trace else 0
         return RefinementResult(conditions=out, trace=z.new_zeros(length, dtype=torch.float32), unmoved=unmoved)
-    keep, used, a, b, src, tgt = clouds.keep, clouds.used, clouds.a, clouds.b, clouds.src, clouds.tgt
-    d = z.shape[1]
-    result = sinkhorn_flow(z[keep], target[used], a=a[keep], b=b[used], extra_src=src[:, d:], extra_tgt=tgt[:, d:],
-                           record_trace=record_trace, **options)
+    keep, used, d = clouds.keep, clouds.used, z.shape[1]
+    result = sinkhorn_flow(z[keep], target.conditions[used], opts, a=clouds.a[keep], b=clouds.b[used],
+                           extra=(clouds.src[:, d:], clouds.tgt[:, d:]), record_trace=record_trace)
     out[keep] = result.conditions
     return RefinementResult(conditions=out, trace=result.trace, unmoved=unmoved)
 
@@ -426,22 +433,23 @@ class ConditionBank(nn.Module):
         self.seen[bucket] += len(z)
         self.count[bucket] = torch.clamp(self.seen[bucket], max=self.capacity)
 
-    def get(self, bucket: int) -> tuple[Tensor, Tensor, Tensor]:
+    def get(self, bucket: int) -> LabelledConditions:
         """Copy of the filled part of ``bucket``: conditions ``[c, D]``, labels ``[c]``, positions ``[c]``."""
         self._check_bucket(bucket)
         c = int(self.count[bucket])
         if c == 0:
             raise ValueError(f"ConditionBank bucket {bucket} is empty; fill it (OTRefinement.fit) before refining")
-        return self.conditions[bucket, :c].clone(), self.labels[bucket, :c].clone(), self.positions[bucket, :c].clone()
+        return LabelledConditions(self.conditions[bucket, :c].clone(), self.labels[bucket, :c].clone(),
+                                  self.positions[bucket, :c].clone())
 
-    def sample(self, bucket: int, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def sample(self, bucket: int, n: int, generator: torch.Generator | None = None) -> LabelledConditions:
         """Random subset of ``min(n, count)`` entries of ``bucket``, without replacement."""
         z, labels, positions = self.get(bucket)
         if n >= len(z):
-            return z, labels, positions
+            return LabelledConditions(z, labels, positions)
         device = generator.device if generator is not None else "cpu"
         idx = torch.randperm(len(z), generator=generator, device=device)[:n].to(z.device)  # (n,)
-        return z[idx], labels[idx], positions[idx]
+        return LabelledConditions(z[idx], labels[idx], positions[idx])
 
     def check_compatible(self, dim: int, num_buckets: int) -> None:
         """Raise ``ValueError`` unless the bank matches a generator's condition ``dim`` and AR step count."""

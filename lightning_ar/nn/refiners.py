@@ -17,73 +17,53 @@ from lightning_ar.nn.entropic_map import EntropicMap
 from lightning_ar.nn.refine import (
     AmortizedRefiner,
     ConditionBank,
+    FlowOptions,
+    LabelledConditions,
     labelled_clouds,
     refine_conditions,
     sinkhorn_divergence,
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class FlowSettings:
-    """Options of the Sinkhorn gradient flow (SPEC 2.3).
+    """What the refinement's flow uses: the flow's options, its labelled features and its target subsample.
 
     Attributes:
-        steps: Flow steps ``K`` per AR step.
-        eta: Step size.
-        blur: Sinkhorn blur (entropic scale, in condition units).
-        scaling: epsilon-scaling factor of the Sinkhorn solver (0.3; on digits the held-out divergence reduction is
-            the same as with 0.9, at a fraction of the cost).
-        lam: Proximity weight ``lambda`` to the produced conditions.
+        options: The flow's :class:`~lightning_ar.nn.refine.FlowOptions`; the refinement's defaults are one step of
+            ``eta`` 0.6 at blur 0.5 with epsilon-scaling 0.3 (on digits the held-out divergence reduction is the
+            same as with 0.9, at a fraction of the cost).
         label_weight: Weight of the appended class/position one-hots (large: no transport across groups);
             ``None`` uses the diameter of the two clouds.
         target_size: Bank samples used as the target per AR step (caps the cost).
     """
 
-    steps: int = 1
-    eta: float = 0.6
-    blur: float = 0.5
-    scaling: float = 0.3
-    lam: float = 0.0
+    options: FlowOptions = field(default_factory=lambda: FlowOptions(steps=1, eta=0.6, blur=0.5, scaling=0.3))
     label_weight: float | None = None
     target_size: int = 1024
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"flow steps must be >= 0, got {self.steps}")
-        if not self.blur > 0:
-            raise ValueError(f"flow blur must be > 0, got {self.blur}")
-        if not self.eta > 0:
-            raise ValueError(f"flow eta must be > 0, got {self.eta}")
         if self.target_size < 1:
             raise ValueError(f"flow target_size must be >= 1, got {self.target_size}")
 
 
 def labelled_divergence(
-    z: Tensor,
-    labels: Tensor,
-    positions: Tensor,
-    target: Tensor,
-    target_labels: Tensor,
-    target_positions: Tensor,
-    num_classes: int,
-    seq_len: int,
-    settings: FlowSettings,
+    source: LabelledConditions, target: LabelledConditions, num_classes: int, seq_len: int, settings: FlowSettings
 ) -> Tensor:
-    """Class- and position-aware Sinkhorn divergence of conditions ``z`` ``[N, D]`` to ``target`` ``[M, D]``.
+    """Class- and position-aware Sinkhorn divergence of the ``source`` conditions ``[N, D]`` to the ``target`` ones.
 
     The same construction as the flow's: target mass matched per ``(class, position)`` group to the source's and
-    scaled one-hots appended. Source points whose group has no target point are left out. Differentiable in ``z``.
+    scaled one-hots appended. Source points whose group has no target point are left out. Differentiable in the
+    source conditions.
 
     Returns:
         Scalar divergence (0 when no source point has a target group).
     """
-    clouds = labelled_clouds(z, labels, positions, target, target_labels, target_positions, num_classes, seq_len,
-                             settings.blur, settings.label_weight)
+    blur, scaling = settings.options.blur, settings.options.scaling
+    clouds = labelled_clouds(source, target, num_classes, seq_len, blur, settings.label_weight)
     if clouds.src is None:
-        return z.new_zeros((), dtype=torch.float32)
-    return sinkhorn_divergence(
-        clouds.src, clouds.tgt, settings.blur, settings.scaling, clouds.a[clouds.keep], clouds.b[clouds.used]
-    )
+        return source.conditions.new_zeros((), dtype=torch.float32)
+    return sinkhorn_divergence(clouds.src, clouds.tgt, blur, scaling, clouds.a[clouds.keep], clouds.b[clouds.used])
 
 
 @dataclass
@@ -127,12 +107,9 @@ class FlowRefiner:
     def _flow(self, bank: ConditionBank, z: Tensor, labels: Tensor, positions: Tensor, step: int, classes: int):
         s = self.settings
         generator = torch.Generator(bank.conditions.device).manual_seed(self.seed * 7919 + step)
-        target, t_labels, t_positions = bank.sample(step, s.target_size, generator)
-        return refine_conditions(
-            z, labels, positions, target, t_labels, t_positions, classes, self.seq_len,
-            steps=s.steps, eta=s.eta, blur=s.blur, scaling=s.scaling, lam=s.lam, label_weight=s.label_weight,
-            record_trace=self.record_trace,
-        )
+        return refine_conditions(LabelledConditions(z, labels, positions), bank.sample(step, s.target_size, generator),
+                                 classes, self.seq_len, s.options, label_weight=s.label_weight,
+                                 record_trace=self.record_trace)
 
     def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
         """Refined conditions ``[N, D]`` for the conditions ``z`` ``[N, D]`` of AR step ``step``."""
@@ -212,11 +189,12 @@ class MapFitter:
         if len(z) > self.pool_size:
             device = self.generator.device if self.generator is not None else "cpu"
             keep = torch.randperm(len(z), generator=self.generator, device=device)[: self.pool_size].to(z.device)
-        target = tuple(t.to(z.device) for t in self.bank.get(step))
-        missing = sorted(set(labels.tolist()) - set(target[1].tolist()))
+        target = self.bank.get(step).to(z.device)
+        missing = sorted(set(labels.tolist()) - set(target.labels.tolist()))
         if missing:
             self.missing_classes[step] = missing
-        self.marginal_errors[step] = self.map.fit_step(step, (z[keep], labels[keep], positions[keep]), target)
+        pool = LabelledConditions(z[keep], labels[keep], positions[keep])
+        self.marginal_errors[step] = self.map.fit_step(step, pool, target)
         self.pool_sizes[step] = len(keep)
         out = self.map(z, labels, positions, step)
         self.stats.seconds += time.perf_counter() - start

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lightning_ar.nn.labelled_conditions import LabelledConditions
+
 
 @dataclass
 class StepRecord:
@@ -93,9 +95,9 @@ class GenerationTrace:
             out.scatter_(1, step.positions[..., None].expand(-1, -1, out.shape[-1]), step.tokens.to(out.dtype))
         return out
 
-    def conditions_at(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
+    def conditions_at(self, step: int) -> LabelledConditions:
         """Conditions, their labels and positions at ``step``, flattened: ``[B*n, D]``, ``[B*n]``, ``[B*n]``."""
         rec = self.steps[step]
         b, n = rec.positions.shape
         labels = torch.as_tensor(self.labels, device=rec.positions.device)[:, None].expand(b, n)
-        return rec.conditions.reshape(b * n, -1), labels.reshape(-1), rec.positions.reshape(-1)
+        return LabelledConditions(rec.conditions.reshape(b * n, -1), labels.reshape(-1), rec.positions.reshape(-1))

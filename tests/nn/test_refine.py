@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_ar.nn.labelled_conditions import LabelledConditions
 from lightning_ar.nn.refine import (
     AmortizedRefiner,
     ConditionBank,
@@ -80,9 +81,10 @@ def test_refinement_never_crosses_classes_or_positions(by: str) -> None:
     z, groups, target = opposite_sides(torch.tensor(0), torch.tensor(1))
     tgt_groups = torch.cat([torch.zeros(50, dtype=torch.long), torch.ones(50, dtype=torch.long)])
     zeros_z, zeros_t = torch.zeros_like(groups), torch.zeros_like(tgt_groups)
-    args = (z, groups, zeros_z, target, tgt_groups, zeros_t) if by == "class" else (
-        z, zeros_z, groups, target, zeros_t, tgt_groups)
-    result = refine_conditions(*args, num_classes=2, seq_len=2, steps=10, eta=1.0, blur=0.05)
+    src, tgt = ((LabelledConditions(z, groups, zeros_z), LabelledConditions(target, tgt_groups, zeros_t))
+                if by == "class" else
+                (LabelledConditions(z, zeros_z, groups), LabelledConditions(target, zeros_t, tgt_groups)))
+    result = refine_conditions(src, tgt, num_classes=2, seq_len=2, steps=10, eta=1.0, blur=0.05)
     means = torch.stack([target[:50].mean(0), target[50:].mean(0)])  # (2, D): targets of group 0 and 1
     for g in (0, 1):
         before, after = z[groups == g], result.conditions[groups == g]
@@ -102,11 +104,14 @@ def test_refinement_leaves_points_without_target_group_unmoved() -> None:
     z, labels, target = opposite_sides(torch.tensor(0), torch.tensor(2))  # class 2 has no target point
     tgt_labels = torch.cat([torch.zeros(50, dtype=torch.long), torch.ones(50, dtype=torch.long)])
     pos, tgt_pos = torch.zeros_like(labels), torch.zeros_like(tgt_labels)
-    result = refine_conditions(z, labels, pos, target, tgt_labels, tgt_pos, num_classes=3, seq_len=1, steps=3)
+    source = LabelledConditions(z, labels, pos)
+    result = refine_conditions(source, LabelledConditions(target, tgt_labels, tgt_pos), num_classes=3, seq_len=1,
+                               steps=3)
     assert result.unmoved == 60
     assert torch.equal(result.conditions[labels == 2], z[labels == 2])
     assert not torch.allclose(result.conditions[labels == 0], z[labels == 0])
-    none = refine_conditions(z, labels, pos, target, tgt_labels + 5, tgt_pos, num_classes=8, seq_len=1, steps=3)
+    none = refine_conditions(source, LabelledConditions(target, tgt_labels + 5, tgt_pos), num_classes=8,
+                             seq_len=1, steps=3)
     assert none.unmoved == 100 and torch.equal(none.conditions, z) and none.trace.shape == (4,)
 
 
@@ -140,10 +145,11 @@ def test_bad_inputs_name_the_option() -> None:
     with pytest.raises(ValueError, match="eta"):
         sinkhorn_flow(x, y, eta=0.0)
     with pytest.raises(ValueError, match="label_weight"):
-        refine_conditions(x, torch.zeros(10), torch.zeros(10), y, torch.zeros(12), torch.zeros(12), 1, 1,
-                          label_weight=-1.0)
+        refine_conditions(LabelledConditions(x, torch.zeros(10), torch.zeros(10)),
+                          LabelledConditions(y, torch.zeros(12), torch.zeros(12)), 1, 1, label_weight=-1.0)
     with pytest.raises(TypeError, match=r"unknown flow option\(s\) \['stepz'\]"):
-        refine_conditions(x, torch.zeros(10), torch.zeros(10), y, torch.zeros(12), torch.zeros(12), 1, 1, stepz=3)
+        refine_conditions(LabelledConditions(x, torch.zeros(10), torch.zeros(10)),
+                          LabelledConditions(y, torch.zeros(12), torch.zeros(12)), 1, 1, stepz=3)
 
 
 def test_bank_reservoir_is_uniform_and_bounded() -> None:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from lightning_ar import MARGenerator
 from lightning_ar.data.shards import open_shard, write_shard
+from lightning_ar.nn.labelled_conditions import LabelledConditions
 from lightning_ar.nn.mar import patchify, unpatchify
 from lightning_ar.nn.refine import refine_conditions, sinkhorn_flow
 
@@ -89,7 +90,8 @@ def test_refine_conditions_keeps_finite_input_finite(n: int, m: int, classes: in
     z, target = torch.randn(n, 3, generator=gen) + value, torch.randn(m, 3, generator=gen)
     lab, pos = torch.randint(classes, (n,), generator=gen), torch.randint(seq_len, (n,), generator=gen)
     tlab, tpos = torch.randint(classes, (m,), generator=gen), torch.randint(seq_len, (m,), generator=gen)
-    result = refine_conditions(z, lab, pos, target, tlab, tpos, classes, seq_len, steps=2)
+    result = refine_conditions(LabelledConditions(z, lab, pos), LabelledConditions(target, tlab, tpos), classes,
+                               seq_len, steps=2)
     assert result.conditions.shape == z.shape and torch.isfinite(result.conditions).all()
 
 

@@ -15,6 +15,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning_ar import LatentDataModule, MARGenerator, OTRefinement
 from lightning_ar.callbacks import ConditionalScoreNormMonitor, SinkhornDivergenceMonitor
 from lightning_ar.nn import DiffusionLoss, GenerationTrace
+from lightning_ar.nn.labelled_conditions import LabelledConditions
+from lightning_ar.nn.refine import FlowOptions
 from lightning_ar.nn.refiners import FlowSettings, labelled_divergence
 from lightning_ar.theory import (
     fit_contraction,
@@ -333,8 +335,9 @@ def test_grouped_divergence_equals_the_labelled_divergence() -> None:
     z, zl, zp = _conditions(300, seed=3)
     ref, rl, rp = _conditions(700, seed=4)
     for blur in (0.5, 1.5):
-        expected = float(labelled_divergence(z, zl, zp, ref, rl, rp, CLASSES, POSITIONS,
-                                             FlowSettings(blur=blur, scaling=0.5, label_weight=100.0)))
+        settings = FlowSettings(FlowOptions(blur=blur, scaling=0.5), label_weight=100.0)
+        expected = float(labelled_divergence(LabelledConditions(z, zl, zp), LabelledConditions(ref, rl, rp), CLASSES,
+                                             POSITIONS, settings))
         clouds = group_clouds(z, zl * POSITIONS + zp, ref, rl * POSITIONS + rp)
         weights = torch.stack([torch.ones(300), 2 * torch.ones(300), (torch.arange(300) >= 100).double()])
         got = grouped_divergence(clouds, weights, blur)
