@@ -64,18 +64,13 @@ class SinkhornDivergenceMonitor(TheoryMonitor):
 
     Args:
         num_per_class: Samples per class in each batch.
-        seed: Seed of generation (batch ``b`` uses stream ``b``) and of the bootstrap.
         modes: Refinement modes to measure (``none``, ``flow``, ``amortized``).
         on_validation: Measure in validation (every ``every_n_epochs`` epochs during ``fit``).
-        on_test: Measure in ``test``.
-        every_n_epochs: Validation epochs between measurements during ``fit``.
-        plot: Write and log the PNG.
-        enabled: ``False`` turns the monitor off (no generation, no option checks).
-        classes: Classes of the batch (default: the first 10).
-        generate_kwargs: Extra keyword arguments of ``generate`` (e.g. ``{"cfg": 2.0}``).
         num_batches: Seeded generation batches pooled per mode.
         bootstrap: Replicates of the half-sample bootstrap over generated images (divergence CIs).
         null_test: Run the null test for the refining modes.
+        **kwargs: The shared options of :class:`~lightning_ar.callbacks.theory_base.TheoryMonitor` (``seed``,
+            ``on_test``, ``every_n_epochs``, ``plot``, ``enabled``, ``classes``, ``generate_kwargs``).
     """
 
     section = "sinkhorn"
@@ -84,21 +79,14 @@ class SinkhornDivergenceMonitor(TheoryMonitor):
     def __init__(
         self,
         num_per_class: int = 8,
-        seed: int = 0,
         modes: tuple[str, ...] = ("flow",),
         on_validation: bool = False,
-        on_test: bool = True,
-        every_n_epochs: int = 1,
-        plot: bool = True,
-        enabled: bool = True,
-        classes: list[int] | None = None,
-        generate_kwargs: dict[str, Any] | None = None,
         num_batches: int = 4,
         bootstrap: int = 200,
         null_test: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(num_per_class, classes, seed, on_validation, on_test, every_n_epochs, plot, enabled,
-                         generate_kwargs)
+        super().__init__(num_per_class=num_per_class, on_validation=on_validation, **kwargs)
         self.modes = (modes,) if isinstance(modes, str) else tuple(modes)
         self.num_batches, self.bootstrap, self.run_null_test = num_batches, bootstrap, null_test
 

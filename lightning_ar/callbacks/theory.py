@@ -58,17 +58,12 @@ class ConditionalScoreNormMonitor(TheoryMonitor):
     Args:
         num_per_class: Samples per class in the batch.
         timesteps: Diffusion timesteps ``t`` (training scale, ``0..T-1``) at which norms are measured.
-        seed: Seed of generation and of the noise.
         cfg: Guidance scale of the generation (``None``: the module's default).
         on_validation: Measure in validation (every ``every_n_epochs`` epochs during ``fit``).
-        on_test: Measure in ``test``.
-        every_n_epochs: Validation epochs between measurements during ``fit``.
-        plot: Write and log the PNG.
-        enabled: ``False`` turns the monitor off (no generation, no option checks).
-        classes: Classes of the batch (default: the first 10).
-        generate_kwargs: Extra keyword arguments of ``generate`` (e.g. ``{"refine": "none"}`` for ``OTRefinement``).
         num_batches: Seeded generation batches pooled (more samples: narrower CIs).
         bootstrap: Bootstrap replicates of the verdicts.
+        **kwargs: The shared options of :class:`~lightning_ar.callbacks.theory_base.TheoryMonitor` (``seed``,
+            ``on_test``, ``every_n_epochs``, ``plot``, ``enabled``, ``classes``, ``generate_kwargs``).
     """
 
     section = "score_norm"
@@ -77,20 +72,13 @@ class ConditionalScoreNormMonitor(TheoryMonitor):
         self,
         num_per_class: int = 4,
         timesteps: tuple[int, ...] = (100, 500, 900),
-        seed: int = 0,
         cfg: float | None = None,
         on_validation: bool = True,
-        on_test: bool = True,
-        every_n_epochs: int = 1,
-        plot: bool = True,
-        enabled: bool = True,
-        classes: list[int] | None = None,
-        generate_kwargs: dict[str, Any] | None = None,
         num_batches: int = 1,
         bootstrap: int = 500,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(num_per_class, classes, seed, on_validation, on_test, every_n_epochs, plot, enabled,
-                         generate_kwargs)
+        super().__init__(num_per_class=num_per_class, on_validation=on_validation, **kwargs)
         self.timesteps, self.cfg = tuple(int(t) for t in timesteps), cfg
         self.num_batches, self.bootstrap = num_batches, bootstrap
 

@@ -25,13 +25,37 @@ def generator_module(pl_module: L.LightningModule) -> HeadGenerator:
 
 
 class TheoryMonitor(Callback):
-    """Shared scheduling, logging and file output; subclasses implement :meth:`measure`."""
+    """Shared scheduling, logging and file output; subclasses implement :meth:`measure`.
+
+    Args:
+        num_per_class: Samples per class in each batch.
+        on_validation: Measure in validation (every ``every_n_epochs`` epochs during ``fit``).
+        seed: Seed of generation (batch ``b`` uses stream ``b``), of the noise and of the bootstrap.
+        on_test: Measure in ``test``.
+        every_n_epochs: Validation epochs between measurements during ``fit``.
+        plot: Write and log the PNG.
+        enabled: ``False`` turns the monitor off (no generation, no option checks).
+        classes: Classes of the batch (default: the first 10).
+        generate_kwargs: Extra keyword arguments of ``generate`` (e.g. ``{"cfg": 2.0}``, or ``{"refine": "none"}``
+            for ``OTRefinement``); not those the monitor sets itself.
+    """
 
     section = ""  # "score_norm" or "sinkhorn": file names and report section
     reserved_kwargs: tuple[str, ...] = ("generator", "trace")  # generate() arguments the monitor sets itself
 
-    def __init__(self, num_per_class: int, classes: list[int] | None, seed: int, on_validation: bool, on_test: bool,
-                 every_n_epochs: int, plot: bool, enabled: bool, generate_kwargs: dict[str, Any] | None) -> None:
+    def __init__(
+        self,
+        *,
+        num_per_class: int,
+        on_validation: bool,
+        seed: int = 0,
+        on_test: bool = True,
+        every_n_epochs: int = 1,
+        plot: bool = True,
+        enabled: bool = True,
+        classes: list[int] | None = None,
+        generate_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.num_per_class, self.classes, self.seed = num_per_class, classes, seed
         self.on_validation, self.on_test, self.every_n_epochs = on_validation, on_test, every_n_epochs

@@ -29,9 +29,8 @@ class CausalARGenerator(DiffusionGenerator):
     theory monitors apply unchanged.
 
     Args:
-        latent_shape: ``(C, H, W)`` of one latent (linked from the data module by the CLI).
-        num_classes: Number of class labels (linked from the data module).
-        latent_scale: Multiplier applied to latents by the data module; ``generate`` divides by it.
+        *args: ``latent_shape``, ``num_classes``, ``latent_scale`` of
+            :class:`~lightning_ar.modules.base.DiffusionGenerator`, positionally (or as keywords).
         buffer_size: Leading class-embedding slots.
         order: Generation order: ``raster`` or ``random`` (one fixed permutation, seeded by ``order_seed``).
         order_seed: Seed of the ``random`` order.
@@ -45,10 +44,7 @@ class CausalARGenerator(DiffusionGenerator):
 
     def __init__(
         self,
-        latent_shape: tuple[int, int, int] = (1, 8, 8),
-        num_classes: int = 10,
-        latent_scale: float = 1.0,
-        *,
+        *args: Any,
         buffer_size: int = 4,
         order: str = "raster",
         order_seed: int = 0,
@@ -56,8 +52,7 @@ class CausalARGenerator(DiffusionGenerator):
         use_cache: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(latent_shape=latent_shape, num_classes=num_classes, latent_scale=latent_scale,
-                         num_iter=num_iter, **kwargs)
+        super().__init__(*args, num_iter=num_iter, **kwargs)
         if num_iter is not None and num_iter != self.seq_len:
             rank_zero_warn(f"model.num_iter={num_iter} does not apply to CausalARGenerator: it samples one token per "
                            f"AR step, {self.seq_len} steps")
@@ -66,7 +61,7 @@ class CausalARGenerator(DiffusionGenerator):
         hp = self.hparams
         self.use_cache = use_cache
         self.mar = CausalTransformer(
-            self.token_dim, self.seq_len, num_classes, hp.width, hp.encoder_depth, hp.decoder_depth, hp.num_heads,
+            self.token_dim, self.seq_len, hp.num_classes, hp.width, hp.encoder_depth, hp.decoder_depth, hp.num_heads,
             hp.mlp_ratio, buffer_size, hp.dropout, hp.label_drop_prob, order, order_seed,
         )
         self.head = DiffusionLoss(self.token_dim, hp.width, hp.head_width, hp.head_depth, hp.num_train_timesteps,

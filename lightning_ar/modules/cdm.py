@@ -28,9 +28,8 @@ class ConditionalDiffusion(DiffusionGenerator):
     point: no AR steps, hence no decay to fit) for comparison with the AR models' curves.
 
     Args:
-        latent_shape: ``(C, H, W)`` of one latent (linked from the data module by the CLI).
-        num_classes: Number of class labels (linked from the data module).
-        latent_scale: Multiplier applied to latents by the data module; ``generate`` divides by it.
+        *args: ``latent_shape``, ``num_classes``, ``latent_scale`` of
+            :class:`~lightning_ar.modules.base.DiffusionGenerator`, positionally (or as keywords).
         encoder_depth: DiT blocks, first part (the stack has ``encoder_depth + decoder_depth`` blocks; the names
             match MAR's so the configs and overlays line up block for block).
         decoder_depth: DiT blocks, second part.
@@ -47,10 +46,7 @@ class ConditionalDiffusion(DiffusionGenerator):
 
     def __init__(
         self,
-        latent_shape: tuple[int, int, int] = (1, 8, 8),
-        num_classes: int = 10,
-        latent_scale: float = 1.0,
-        *,
+        *args: Any,
         encoder_depth: int = 2,
         decoder_depth: int = 2,
         dropout: float = 0.0,
@@ -59,8 +55,7 @@ class ConditionalDiffusion(DiffusionGenerator):
         cfg_schedule: CfgSchedule = "constant",
         **kwargs: Any,
     ) -> None:
-        super().__init__(latent_shape=latent_shape, num_classes=num_classes, latent_scale=latent_scale,
-                         encoder_depth=encoder_depth, decoder_depth=decoder_depth, dropout=dropout,
+        super().__init__(*args, encoder_depth=encoder_depth, decoder_depth=decoder_depth, dropout=dropout,
                          diffusion_batch_mul=diffusion_batch_mul, num_iter=num_iter, cfg_schedule=cfg_schedule,
                          **kwargs)
         if num_iter is not None:
@@ -68,7 +63,7 @@ class ConditionalDiffusion(DiffusionGenerator):
             self.hparams["num_iter"] = None
         self.check_options()
         hp = self.hparams
-        self.classes = ClassEmbedding(num_classes, hp.width, hp.label_drop_prob)
+        self.classes = ClassEmbedding(hp.num_classes, hp.width, hp.label_drop_prob)
         self.head = SequenceDiffusion(self.token_dim, self.seq_len, hp.width, encoder_depth + decoder_depth,
                                       hp.num_heads, hp.mlp_ratio, dropout, hp.head_width, hp.head_depth,
                                       hp.num_train_timesteps, hp.timestep_spacing)

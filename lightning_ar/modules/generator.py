@@ -24,9 +24,8 @@ class MARGenerator(DiffusionGenerator):
     seed) are :class:`~lightning_ar.modules.base.DiffusionGenerator`'s; these are MAR's own.
 
     Args:
-        latent_shape: ``(C, H, W)`` of one latent (linked from the data module by the CLI).
-        num_classes: Number of class labels (linked from the data module).
-        latent_scale: Multiplier applied to latents by the data module; ``generate`` divides by it.
+        *args: ``latent_shape``, ``num_classes``, ``latent_scale`` of
+            :class:`~lightning_ar.modules.base.DiffusionGenerator`, positionally (or as keywords).
         buffer_size: Leading class-embedding positions of the encoder (MAR: 64).
         mask_ratio_min: Lower cut of the truncated-normal training mask ratio (MAR: 0.7; 0 lets training see
             contexts up to ``L - 1`` tokens, as the last sampling steps do: at least one token is always masked).
@@ -38,20 +37,17 @@ class MARGenerator(DiffusionGenerator):
 
     def __init__(
         self,
-        latent_shape: tuple[int, int, int] = (1, 8, 8),
-        num_classes: int = 10,
-        latent_scale: float = 1.0,
-        *,
+        *args: Any,
         buffer_size: int = 4,
         mask_ratio_min: float = 0.7,
         mask_ratio_std: float = 0.25,
         **kwargs: Any,
     ) -> None:
-        super().__init__(latent_shape=latent_shape, num_classes=num_classes, latent_scale=latent_scale, **kwargs)
+        super().__init__(*args, **kwargs)
         self.check_options()
         hp = self.hparams
         self.mar = MaskedAutoregressiveTransformer(
-            self.token_dim, self.seq_len, num_classes, hp.width, hp.encoder_depth, hp.decoder_depth, hp.num_heads,
+            self.token_dim, self.seq_len, hp.num_classes, hp.width, hp.encoder_depth, hp.decoder_depth, hp.num_heads,
             hp.mlp_ratio, buffer_size, hp.dropout, hp.label_drop_prob,
         )
         self.head = DiffusionLoss(self.token_dim, hp.width, hp.head_width, hp.head_depth, hp.num_train_timesteps,

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_ar.theory.records import Record
+
 RATIO_BAND = (0.9, 1.1)  # a divergence reduction counts as an improvement only with the ratio inside this band
 NULL_TOLERANCE = 0.1  # a refinement must move conditions drawn from its target by less than this x their spread
 TRIVIAL_DISPERSION = 1e-10  # relative to the mean squared norm: no within-group variation (e.g. AR step 0)
@@ -93,7 +95,7 @@ def pooled_dispersion(z: Tensor, groups: Tensor, clusters: Tensor | None = None,
 
 
 @dataclass
-class DispersionRatio:
+class DispersionRatio(Record):
     """Produced over reference pooled within-group dispersion, with its delta-method standard error.
 
     Attributes:
@@ -110,10 +112,6 @@ class DispersionRatio:
     produced: dict
     reference: dict
     state: str
-
-    def to_dict(self) -> dict:
-        """Plain-Python dict, e.g. for JSON."""
-        return asdict(self)
 
 
 def ratio_state(ratio: float) -> str:
@@ -153,7 +151,7 @@ def dispersion_ratio(z: Tensor, groups: Tensor, ref: Tensor, ref_groups: Tensor,
 
 
 @dataclass
-class NullTest:
+class NullTest(Record):
     """How far a refinement moves conditions that are already drawn from its target distribution.
 
     Attributes:
@@ -171,10 +169,6 @@ class NullTest:
     passes: bool
     dispersion_after: float
     num_points: int
-
-    def to_dict(self) -> dict:
-        """Plain-Python dict, e.g. for JSON."""
-        return asdict(self)
 
 
 Refine = Callable[[Tensor, Tensor, Tensor, int], Tensor]  # (z [n, D], labels [n], positions [n], step) -> [n, D]

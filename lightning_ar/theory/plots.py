@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -46,13 +47,7 @@ def plot_sinkhorn(curves: dict[str, SinkhornCurves]) -> Figure:
         ax_d.plot(steps, cur.after, "o-", color=color, label=f"after ({mode})")
     ax_d.set(xlabel="AR step k", ylabel="Sinkhorn divergence", title="to held-out ideal conditions")
     ax_d.legend(fontsize=7)
-    for mode, cur in curves.items():
-        for k, tr in enumerate(cur.flow_traces):
-            if tr is not None:
-                ax_f.plot(np.arange(tr.size), tr, "o-", ms=3, label=f"{mode} step {k}")
-    ax_f.set(xlabel="flow step j", ylabel="divergence to flow target", title="inner flow", yscale="symlog")
-    if ax_f.lines:
-        ax_f.legend(fontsize=6, ncol=2)
+    _plot_inner_flows(ax_f, curves, "inner flow")
     return fig
 
 
@@ -76,15 +71,19 @@ def plot_conditions(results: dict[str, dict], curves: dict[str, SinkhornCurves])
     ax_r.axhline(1.0, color="0.5", lw=0.8)
     ax_r.set(xlabel="AR step k", ylabel="dispersion produced / ideal", title="within-group dispersion ratio")
     ax_r.legend(fontsize=7)
+    _plot_inner_flows(ax_f, curves, "inner flow (own target)")
+    return fig
+
+
+def _plot_inner_flows(ax: Axes, curves: dict[str, SinkhornCurves], title: str) -> None:
+    """The inner-flow divergence traces of every mode and AR step on ``ax`` (symlog scale)."""
     for mode, cur in curves.items():
         for k, tr in enumerate(cur.flow_traces):
             if tr is not None:
-                ax_f.plot(np.arange(tr.size), tr, "o-", ms=3, label=f"{mode} step {k}")
-    ax_f.set(xlabel="flow step j", ylabel="divergence to flow target", title="inner flow (own target)",
-             yscale="symlog")
-    if ax_f.lines:
-        ax_f.legend(fontsize=6, ncol=2)
-    return fig
+                ax.plot(np.arange(tr.size), tr, "o-", ms=3, label=f"{mode} step {k}")
+    ax.set(xlabel="flow step j", ylabel="divergence to flow target", title=title, yscale="symlog")
+    if ax.lines:
+        ax.legend(fontsize=6, ncol=2)
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:

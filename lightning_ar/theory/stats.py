@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import special
+
+from lightning_ar.theory.records import Record
 
 LEVEL = 0.95
 DEFAULT_REPS = 2000
@@ -35,7 +37,7 @@ HOLDS, FAILS, UNRESOLVED, UNMEASURABLE = "holds", "does not hold", "not resolved
 
 
 @dataclass
-class PairedComparison:
+class PairedComparison(Record):
     """A signed difference with its bootstrap CI and verdict.
 
     Attributes:
@@ -52,10 +54,6 @@ class PairedComparison:
     high: float
     num_pairs: int
     verdict: str
-
-    def to_dict(self) -> dict[str, float | int | str]:
-        """Plain-Python dict, e.g. for JSON."""
-        return asdict(self)
 
 
 def verdict(low: float, high: float, claim: str) -> str:
