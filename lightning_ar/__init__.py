@@ -40,7 +40,9 @@ from lightning_ar.nn import (
     MaskedAutoregressiveTransformer,
     MeanBias,
     SamplingOptions,
+    SamplingRun,
     StepRecord,
+    TransformerSpec,
 )
 from lightning_ar.nn.entropic_map import EntropicMap, MapSettings, solve_entropic_ot
 from lightning_ar.nn.labelled_conditions import LabelledConditions
@@ -89,6 +91,8 @@ __all__ = [
     "Refinement",
     "TokenGenerator",
     "SamplingOptions",
+    "SamplingRun",
+    "TransformerSpec",
     "ConditionalDiffusion",
     "ConditionBank",
     "ConditionalScoreNormMonitor",

@@ -23,6 +23,7 @@ from lightning_ar.contracts import Generator, Refinement
 from lightning_ar.io import atomic_output
 from lightning_ar.metrics.base import SampleEvaluator
 from lightning_ar.metrics.registry import evaluator_for
+from lightning_ar.seeding import seeded_generator
 
 DEFAULT_VARIANT = "default"
 
@@ -117,7 +118,7 @@ class GenerationMetrics(Callback):
             return
         for name, kwargs in self.variants.items():
             seed = (self.seed * 1_000_003 + batch_idx) * max(trainer.world_size, 1) + trainer.global_rank
-            generator = torch.Generator(pl_module.device).manual_seed(seed)
+            generator = seeded_generator(seed, device=pl_module.device)
             _synchronize(pl_module.device)
             start = time.perf_counter()
             latents = pl_module.generate(labels, generator=generator, **kwargs)

@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from lightning_ar.callbacks.image_log import log_image_to_all
 from lightning_ar.contracts import Decodes
+from lightning_ar.seeding import seeded_generator
 
 
 class SampleGrid(Callback):
@@ -66,7 +67,7 @@ class SampleGrid(Callback):
 
     def grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Tensor:
         """Generate and decode the grid: ``[C, H', W']`` float image in ``[0, 1]``."""
-        generator = torch.Generator(pl_module.device).manual_seed(self.seed)
+        generator = seeded_generator(self.seed, device=pl_module.device)
         latents = pl_module.generate(self._labels(pl_module), generator=generator, **self.generate_kwargs)
         images = (trainer.datamodule.decode(latents).float().clamp(-1, 1) + 1) / 2  # (B, C, H, W) in [0, 1]
         images = images.repeat_interleave(self.upscale, dim=-1).repeat_interleave(self.upscale, dim=-2)

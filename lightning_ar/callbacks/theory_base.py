@@ -14,6 +14,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_ar.contracts import HeadGenerator, head_generator
+from lightning_ar.seeding import seeded_generator
 from lightning_ar.theory.report import write_theory_report
 
 MAX_DEFAULT_CLASSES = 10
@@ -79,7 +80,7 @@ class TheoryMonitor(Callback):
         return torch.tensor(list(classes), device=pl_module.device).repeat_interleave(self.num_per_class)
 
     def rng(self, pl_module: L.LightningModule, stream: int = 0) -> torch.Generator:
-        return torch.Generator(pl_module.device).manual_seed(self.seed * 1_000_003 + stream)
+        return seeded_generator(self.seed, stream, stride=1_000_003, device=pl_module.device)
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> tuple[dict[str, float], Any]:
         """Generate, fill ``self.last``; return the metrics to log and a figure (or ``None``)."""
@@ -135,6 +136,4 @@ class TheoryMonitor(Callback):
         if self._due(trainer, "test", batch_idx, dataloader_idx):
             self._run(trainer, pl_module, "test")
 
-    @override
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._flush(pl_module)
+    on_test_epoch_end = on_validation_epoch_end  # log what the stage's first batch measured

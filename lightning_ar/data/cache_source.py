@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from lightning_ar.data.shards import ShardReader
 from lightning_ar.data.vae import decode_latents, load_vae, sample_posterior
+from lightning_ar.seeding import seeded_generator
 
 SPLIT_SEED = 0
 
@@ -29,7 +30,7 @@ SPLIT_SEED = 0
 def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """A CPU generator determined by ``(seed, epoch, index)`` (numpy's SeedSequence mixes the three)."""
     state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return seeded_generator(int(state[0]), int(state[1]), stride=1 << 32)
 
 
 class CacheDataset(Dataset):
@@ -69,6 +70,8 @@ class EpochSampler(DistributedSampler):
 class CacheSource:
     """The cache of ``cache_dir``: shapes, scale and classes from ``meta.json``, datasets per split, VAE decoding.
 
+    Attributes ``latent_shape`` ``(C, H, W)``, ``num_classes`` and ``latent_scale`` are those of ``meta.json``.
+
     Args:
         cache_dir: Cache directory (validated on construction).
         vae: VAE used by :meth:`decode` (default: the one recorded in ``meta.json``).
@@ -86,22 +89,14 @@ class CacheSource:
         if len(self.reader) < 2:
             raise ValueError(f"data.cache_dir {cache_dir!r}: a cache needs >= 2 items to hold one out for val")
         self.meta, self.vae_name, self._vaes = self.reader.meta, vae or self.reader.meta.vae, {}
-        perm = torch.randperm(len(self.reader), generator=torch.Generator().manual_seed(SPLIT_SEED))
+        perm = torch.randperm(len(self.reader), generator=seeded_generator(SPLIT_SEED))
         num_val = max(1, round(val_fraction * len(self.reader)))
         self.splits = {"val": perm[:num_val].sort().values, "train": perm[num_val:].sort().values}
         self.splits["test"] = self.splits["val"]
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return tuple(self.meta.latent_shape)
-
-    @property
-    def num_classes(self) -> int:
-        return self.meta.num_classes
-
-    @property
-    def latent_scale(self) -> float:
-        return self.meta.latent_scale
+        # what the data module links into the generator, as recorded in meta.json
+        self.latent_shape: tuple[int, int, int] = tuple(self.meta.latent_shape)
+        self.num_classes: int = self.meta.num_classes
+        self.latent_scale: float = self.meta.latent_scale
 
     def dataset(self, split: str, scale: float, seed: int) -> CacheDataset:
         """The dataset of ``split`` (``train``, ``val`` or ``test``)."""

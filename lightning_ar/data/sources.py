@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import Tensor
 
 from lightning_ar.data.gaussian import KroneckerConditional, condition_kronecker, revealed_log_likelihood_classes
+from lightning_ar.seeding import seeded_generator
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -129,7 +130,7 @@ class GMMSource(LatentSource):
             raise ValueError("gmm num_classes, grid, token_dim must be >= 1 and noise_std > 0")
         self._num_classes, self.grid, self.token_dim, self.rho = num_classes, grid, token_dim, rho
         self.sizes, self.seed = tuple(sizes), seed
-        gen = torch.Generator().manual_seed(seed)
+        gen = seeded_generator(seed)
         self.means = self._class_means(num_classes, grid * grid, token_dim, mean_scale, gen)  # (K, L, D)
         pos = torch.arange(grid * grid, dtype=torch.float64)
         self.pos_cov = rho ** (pos[:, None] - pos[None]).abs()  # (L, L)
@@ -217,7 +218,7 @@ class GMMSource(LatentSource):
 
     @cached_property
     def _splits(self) -> dict[str, tuple[Tensor, Tensor]]:
-        gen = torch.Generator().manual_seed(self.seed + 1)
+        gen = seeded_generator(self.seed, 1)
         out = {}
         for name, size in zip(SPLITS, self.sizes):
             labels = torch.arange(size) % self._num_classes

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_ar.data.sources import DigitsSource
+from lightning_ar.seeding import seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def train_digits_classifier(source: DigitsSource | None = None, epochs: int = 20
         with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
             torch.manual_seed(seed)
             model = DigitsClassifier()
-            _train_loop(model, x, y, epochs, torch.Generator().manual_seed(seed))
+            _train_loop(model, x, y, epochs, seeded_generator(seed))
     finally:
         torch.set_num_threads(threads)
     log.info("trained the digits classifier in %.1f s", time.perf_counter() - start)

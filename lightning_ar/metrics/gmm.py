@@ -11,6 +11,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from lightning_ar.data.sources import GMMSource
 from lightning_ar.metrics.base import SampleEvaluator
+from lightning_ar.seeding import seeded_generator
 
 
 class SampleStore(Metric):
@@ -80,7 +81,7 @@ class GMMEvaluator(SampleEvaluator):
         self.source = source if source is not None else GMMSource()
         self.samples = SampleStore()
         dim = self.source.grid**2 * self.source.token_dim
-        gen = torch.Generator().manual_seed(seed)
+        gen = seeded_generator(seed)
         directions = torch.randn(num_projections, dim, generator=gen, dtype=torch.float64)
         self._projections = directions / directions.norm(dim=1, keepdim=True)  # (P, L*D)
         self._seed = seed
@@ -90,7 +91,7 @@ class GMMEvaluator(SampleEvaluator):
         """Compute the floors once (exact samples vs the test split) and move the sample store to ``device``."""
         if not self._floors:
             test, test_labels = self.source.split("test")
-            gen = torch.Generator().manual_seed(self._seed + 1)
+            gen = seeded_generator(self._seed, 1)
             exact = self.source.sample(test_labels, generator=gen)  # (N, D, g, g)
             self._floors = {f"{k}_floor": v for k, v in self._scores(exact, test_labels).items()}
         self.to(device)

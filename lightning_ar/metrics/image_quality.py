@@ -41,6 +41,7 @@ from lightning_ar.metrics.inception import (
 )
 from lightning_ar.metrics.precision_recall import ImprovedPrecisionRecall, precision_recall
 from lightning_ar.progress import progress_bar
+from lightning_ar.seeding import seeded_generator
 
 
 def resolve_reference(reference: str | Path | None, reference_stats: str | Path | None) -> tuple[Path | None,
@@ -229,7 +230,7 @@ class ImageQualityEvaluator(SampleEvaluator):
         n = features.shape[0]
         if n < 2 * (self.pr_k + 1):
             raise ValueError(f"reference {self.reference_path} has {n} images; at least {2 * (self.pr_k + 1)} needed")
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).to(features.device)
+        perm = torch.randperm(n, generator=seeded_generator(self.seed)).to(features.device)
         a, b = features[perm[: n // 2]], features[perm[n // 2:]]
         precision, recall = precision_recall(a, b, self.pr_k)
         floors = {"fid_floor": fid_between(a, b), "precision_floor": precision, "recall_floor": recall}

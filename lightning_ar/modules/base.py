@@ -18,12 +18,13 @@ from torch import Tensor
 
 from lightning_ar.modules.optim import check_lr_recipe
 from lightning_ar.modules.steps import DiffusionLossSteps
-from lightning_ar.modules.utils import check_finite_hparams, check_latent_shape
+from lightning_ar.modules.utils import check_finite_hparams, check_latent_shape, predict_block
 from lightning_ar.nn.diffusion_loss import TIMESTEP_SPACINGS
 from lightning_ar.nn.mar import unpatchify
 from lightning_ar.nn.modes import eval_mode
 from lightning_ar.nn.sampler import ConditionRefiner
 from lightning_ar.nn.sampling_options import SamplingOptions
+from lightning_ar.nn.sampling_run import SamplingRun
 from lightning_ar.nn.trace import GenerationTrace
 from lightning_ar.progress import default_progress
 
@@ -160,8 +161,7 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------------- sampling
-    def sample_tokens(self, labels: Tensor, options: SamplingOptions, *, generator: torch.Generator | None,
-                      trace: GenerationTrace | None, refiner: ConditionRefiner | None, progress: bool) -> Tensor:
+    def sample_tokens(self, labels: Tensor, options: SamplingOptions, run: SamplingRun) -> Tensor:
         """``[B, L, token_dim]`` tokens for ``labels`` ``[B]`` (the module is in eval mode)."""
         raise NotImplementedError
 
@@ -201,20 +201,15 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
         if generator is not None and generator.device.type != labels.device.type:
             raise ValueError(f"generator is on {generator.device} but the model is on {labels.device}")
         with eval_mode(self):
-            tokens = self.sample_tokens(labels, options, generator=generator, trace=trace, refiner=refiner,
-                                        progress=default_progress(progress, self))  # (B, L, Dt)
+            run = SamplingRun(generator, trace, refiner, default_progress(progress, self))
+            tokens = self.sample_tokens(labels, options, run)  # (B, L, Dt)
         latents = unpatchify(tokens, self.hparams.patch_size, *self.latent_shape)  # (B, C, H, W)
         return latents / self.hparams.latent_scale
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Generate one latent per ``(label, index)`` of the batch, seeded by the batch's first index.
-
-        ``LatentDataModule.predict_dataloader`` hands whole index blocks ``[k*B, (k+1)*B)`` to the processes, so the
-        output for an index depends on ``(index, batch_size)`` only, not on the number of processes.
-        """
-        labels, indices = batch
-        generator = torch.Generator(self.device).manual_seed(int(indices[0]))
-        return {"latents": self.generate(labels, generator=generator), "labels": labels, "indices": indices}
+        """Generate one latent per ``(label, index)`` of the batch, seeded by the batch's first index
+        (:func:`~lightning_ar.modules.utils.predict_block`)."""
+        return predict_block(self.generate, batch, self.device)
 
 
 def _require(ok: bool, message: str) -> None:

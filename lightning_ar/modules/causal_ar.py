@@ -13,9 +13,9 @@ from lightning_ar.modules.steps import NETWORK_OPTIONS
 from lightning_ar.nn.causal import ORDERS, CausalTransformer, sample_causal_tokens
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
 from lightning_ar.nn.mar import patchify
-from lightning_ar.nn.sampler import ConditionRefiner
 from lightning_ar.nn.sampling_options import SamplingOptions
-from lightning_ar.nn.trace import GenerationTrace
+from lightning_ar.nn.sampling_run import SamplingRun
+from lightning_ar.nn.transformer_spec import TransformerSpec
 
 
 class CausalARGenerator(DiffusionGenerator):
@@ -60,10 +60,8 @@ class CausalARGenerator(DiffusionGenerator):
         self.check_options()
         hp = self.hparams
         self.use_cache = use_cache
-        self.mar = CausalTransformer(
-            self.token_dim, self.seq_len, hp.num_classes, hp.width, hp.encoder_depth, hp.decoder_depth, hp.num_heads,
-            hp.mlp_ratio, buffer_size, hp.dropout, hp.label_drop_prob, order, order_seed,
-        )
+        self.mar = CausalTransformer(self.token_dim, self.seq_len, hp.num_classes, TransformerSpec.from_mapping(hp),
+                                     order, order_seed)
         self.head = DiffusionLoss(self.token_dim, hp.width, hp.head_width, hp.head_depth, hp.num_train_timesteps,
                                   timestep_spacing=hp.timestep_spacing)
 
@@ -91,9 +89,7 @@ class CausalARGenerator(DiffusionGenerator):
         return (self.head,)
 
     # ----------------------------------------------------------------------------------------------- sampling
-    def sample_tokens(self, labels: Tensor, options: SamplingOptions, *, generator: torch.Generator | None,
-                      trace: GenerationTrace | None, refiner: ConditionRefiner | None, progress: bool) -> Tensor:
+    def sample_tokens(self, labels: Tensor, options: SamplingOptions, run: SamplingRun) -> Tensor:
         """One token per AR step (:func:`~lightning_ar.nn.causal.sample_causal_tokens`, KV cache unless
         ``use_cache`` is off): ``[B]`` labels -> ``[B, L, Dt]`` tokens."""
-        return sample_causal_tokens(self.mar, self.head, labels, options, generator=generator, trace=trace,
-                                    refiner=refiner, use_cache=self.use_cache, progress=progress)
+        return sample_causal_tokens(self.mar, self.head, labels, options, run, use_cache=self.use_cache)

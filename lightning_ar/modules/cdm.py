@@ -12,9 +12,8 @@ from lightning_ar.modules.base import DiffusionGenerator
 from lightning_ar.modules.steps import NETWORK_OPTIONS
 from lightning_ar.nn.dit import ClassEmbedding, SequenceDiffusion
 from lightning_ar.nn.mar import patchify
-from lightning_ar.nn.sampler import ConditionRefiner
 from lightning_ar.nn.sampling_options import CfgSchedule, SamplingOptions, check_labels
-from lightning_ar.nn.trace import GenerationTrace
+from lightning_ar.nn.sampling_run import SamplingRun
 
 
 class ConditionalDiffusion(DiffusionGenerator):
@@ -94,13 +93,13 @@ class ConditionalDiffusion(DiffusionGenerator):
         return (self.head.net.head,)
 
     # ----------------------------------------------------------------------------------------------- sampling
-    def sample_tokens(self, labels: Tensor, options: SamplingOptions, *, generator: torch.Generator | None,
-                      trace: GenerationTrace | None, refiner: ConditionRefiner | None, progress: bool) -> Tensor:
+    def sample_tokens(self, labels: Tensor, options: SamplingOptions, run: SamplingRun) -> Tensor:
         """Denoise all tokens together: ``[B]`` labels -> ``[B, L, Dt]`` tokens (guidance constant over the
-        trajectory). ``trace`` gets one record: all positions, the static conditions ``[B, L, width]`` (and the null
+        trajectory). ``run.trace`` gets one record: all positions, the static conditions ``[B, L, width]`` (and the null
         ones with guidance) and the sampled tokens."""
         check_labels(labels, self.hparams.num_classes)
-        if refiner is not None:
+        generator, trace = run.generator, run.trace
+        if run.refiner is not None:
             raise ValueError("ConditionalDiffusion has no AR steps whose conditions a refiner could move")
         if options.num_iter is not None:
             raise ValueError(f"num_iter does not apply to ConditionalDiffusion (no AR steps), got {options.num_iter}")

@@ -12,9 +12,10 @@ from lightning_ar.modules.steps import NETWORK_OPTIONS
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
 from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, patchify
 from lightning_ar.nn.masking import mask_from_orders, num_masked_for_training, random_orders, sample_mask_ratio
-from lightning_ar.nn.sampler import ConditionRefiner, sample_tokens
+from lightning_ar.nn.sampler import sample_tokens
 from lightning_ar.nn.sampling_options import SamplingOptions
-from lightning_ar.nn.trace import GenerationTrace
+from lightning_ar.nn.sampling_run import SamplingRun
+from lightning_ar.nn.transformer_spec import TransformerSpec
 
 
 class MARGenerator(DiffusionGenerator):
@@ -46,10 +47,8 @@ class MARGenerator(DiffusionGenerator):
         super().__init__(*args, **kwargs)
         self.check_options()
         hp = self.hparams
-        self.mar = MaskedAutoregressiveTransformer(
-            self.token_dim, self.seq_len, hp.num_classes, hp.width, hp.encoder_depth, hp.decoder_depth, hp.num_heads,
-            hp.mlp_ratio, buffer_size, hp.dropout, hp.label_drop_prob,
-        )
+        self.mar = MaskedAutoregressiveTransformer(self.token_dim, self.seq_len, hp.num_classes,
+                                                   TransformerSpec.from_mapping(hp))
         self.head = DiffusionLoss(self.token_dim, hp.width, hp.head_width, hp.head_depth, hp.num_train_timesteps,
                                   timestep_spacing=hp.timestep_spacing)
 
@@ -85,8 +84,6 @@ class MARGenerator(DiffusionGenerator):
         return (self.head,)
 
     # ----------------------------------------------------------------------------------------------- sampling
-    def sample_tokens(self, labels: Tensor, options: SamplingOptions, *, generator: torch.Generator | None,
-                      trace: GenerationTrace | None, refiner: ConditionRefiner | None, progress: bool) -> Tensor:
+    def sample_tokens(self, labels: Tensor, options: SamplingOptions, run: SamplingRun) -> Tensor:
         """MAR's sampler (:func:`~lightning_ar.nn.sampler.sample_tokens`): ``[B]`` labels -> ``[B, L, Dt]`` tokens."""
-        return sample_tokens(self.mar, self.head, labels, options, generator=generator, trace=trace, refiner=refiner,
-                             progress=progress)
+        return sample_tokens(self.mar, self.head, labels, options, run)

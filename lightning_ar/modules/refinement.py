@@ -33,7 +33,7 @@ from lightning_ar.checkpoints.loading import (
 from lightning_ar.lightning_compat import own_hyperparameters
 from lightning_ar.modules.causal_ar import CausalARGenerator
 from lightning_ar.modules.generator import MARGenerator
-from lightning_ar.modules.utils import check_finite_hparams, default
+from lightning_ar.modules.utils import check_finite_hparams, default, predict_block
 from lightning_ar.nn.entropic_map import EntropicMap, MapSettings
 from lightning_ar.nn.mar import patchify
 from lightning_ar.nn.masking import cosine_schedule
@@ -42,6 +42,7 @@ from lightning_ar.nn.refiners import AmortizedHook, FlowRefiner, FlowSettings, M
 from lightning_ar.nn.teacher_forcing import teacher_forced_conditions
 from lightning_ar.nn.trace import GenerationTrace
 from lightning_ar.progress import default_progress
+from lightning_ar.seeding import seeded_generator
 from lightning_ar.theory.conditions import measurement_blur
 from lightning_ar.theory.grouped_sinkhorn import group_clouds, grouped_divergence
 
@@ -207,7 +208,7 @@ class OTRefinement(L.LightningModule):
     # ------------------------------------------------------------------------------------------- bank phase
     def _rng(self, batch_idx: int, stream: int) -> torch.Generator:
         seed = ((self.hparams.seed * 1009 + self.current_epoch) * 100_003 + batch_idx) * 4 + stream
-        return torch.Generator(self.device).manual_seed(seed * max(self.trainer.world_size, 1) + self.global_rank)
+        return seeded_generator(seed, self.global_rank, stride=max(self.trainer.world_size, 1), device=self.device)
 
     @torch.no_grad()
     def fill_bank(self, bank: ConditionBank, latents: Tensor, labels: Tensor, generator: torch.Generator) -> None:
@@ -247,7 +248,7 @@ class OTRefinement(L.LightningModule):
             raise ValueError(f"fit_map needs num_samples >= 1, got {num_samples}")
         start = time.perf_counter()
         labels = torch.arange(num_samples, device=self.device) % self._num_classes
-        generator = torch.Generator(self.device).manual_seed(default(seed, self.hparams.seed) * 7907 + 17)
+        generator = seeded_generator(default(seed, self.hparams.seed), 17, stride=7907, device=self.device)
         fitter = MapFitter(self.entropic_map, self.bank, self.entropic_map.pool.shape[1], generator)
         self.mar_generator.generate(labels, generator=generator, refiner=fitter, progress=False,
                                     num_sampling_steps=self.hparams.map_sampling_steps)
@@ -398,9 +399,9 @@ class OTRefinement(L.LightningModule):
                 rec.flow_trace = hook.stats.flow_traces.get(k)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        labels, indices = batch
-        generator = torch.Generator(self.device).manual_seed(int(indices[0]))
-        return {"latents": self.generate(labels, generator=generator), "labels": labels, "indices": indices}
+        """Refined latents per ``(label, index)``, seeded as the generator's
+        (:func:`~lightning_ar.modules.utils.predict_block`)."""
+        return predict_block(self.generate, batch, self.device)
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

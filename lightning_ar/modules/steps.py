@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from lightning_ar.checkpoints.loading import CheckpointError, record_class
 from lightning_ar.modules.optim import configure_adamw, run_geometry
-from lightning_ar.modules.utils import check_state_shapes, fork_rng, step_seeds
+from lightning_ar.modules.utils import check_state_shapes, fork_rng
+from lightning_ar.seeding import seeded_generator, step_seeds
 
 # Options that define the network of every generator here; each class adds its own (its ``ARCHITECTURE``): a
 # checkpoint's values win over a config's; a config that disagrees is an error (checkpoints.precedence).
@@ -41,12 +41,12 @@ class DiffusionLossSteps:
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         seeds = step_seeds(self.hparams.seed, self.global_step, self.global_rank)
         with fork_rng(self.device, seeds[1]):  # dropout draws from the global RNG: seed it per step, then restore
-            loss = self.diffusion_loss(*batch, generator=torch.Generator(self.device).manual_seed(seeds[0]))
+            loss = self.diffusion_loss(*batch, generator=seeded_generator(seeds[0], device=self.device))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch[0].shape[0])
         return loss
 
     def _eval_loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> Tensor:
-        loss = self.diffusion_loss(*batch, generator=torch.Generator(self.device).manual_seed(batch_idx))
+        loss = self.diffusion_loss(*batch, generator=seeded_generator(batch_idx, device=self.device))
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=batch[0].shape[0], sync_dist=True)
         return loss
 

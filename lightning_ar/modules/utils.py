@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
-import numpy as np
 import torch
+
+from lightning_ar.seeding import seeded_generator
 
 T = TypeVar("T")
 
@@ -38,12 +39,6 @@ def check_latent_shape(latent_shape: Sequence[int], patch_size: int) -> tuple[in
     return shape
 
 
-def step_seeds(seed: int, step: int, rank: int, count: int = 2) -> list[int]:
-    """``count`` independent 63-bit seeds determined by ``(seed, step, rank)`` (numpy's SeedSequence mixes them)."""
-    state = np.random.SeedSequence([int(seed), int(step), int(rank)]).generate_state(count, dtype=np.uint64)
-    return [int(s) >> 1 for s in state]
-
-
 @contextmanager
 def fork_rng(device: torch.device, seed: int) -> Iterator[None]:
     """Seed the global RNG of the CPU (and ``device`` when it is CUDA) with ``seed``; restore both afterwards."""
@@ -61,3 +56,23 @@ def check_state_shapes(saved: dict[str, torch.Tensor], expected: dict[str, torch
     problems += [f"{k} unexpected" for k in saved if k not in expected]
     more = f" (+{len(problems) - limit} more)" if len(problems) > limit else ""
     return "; ".join(problems[:limit]) + more
+
+
+def predict_block(generate: Callable[..., torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor],
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """One latent per ``(label, index)`` of a predict batch, seeded by the batch's first index.
+
+    ``LatentDataModule.predict_dataloader`` hands whole index blocks ``[k*B, (k+1)*B)`` to the processes, so the
+    output for an index depends on ``(index, batch_size)`` only, not on the number of processes.
+
+    Args:
+        generate: The module's ``generate(labels, generator=...)``.
+        batch: ``labels`` ``[B]`` and ``indices`` ``[B]``.
+        device: Device of the generator.
+
+    Returns:
+        ``latents`` ``[B, C, H, W]``, ``labels`` and ``indices``.
+    """
+    labels, indices = batch
+    return {"latents": generate(labels, generator=seeded_generator(int(indices[0]), device=device)),
+            "labels": labels, "indices": indices}

@@ -7,7 +7,9 @@ from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, patchify, unpat
 from lightning_ar.nn.masking import cosine_schedule, mask_from_orders, random_orders, sample_mask_ratio
 from lightning_ar.nn.sampler import ConditionRefiner, sample_tokens
 from lightning_ar.nn.sampling_options import SAMPLERS, SamplingOptions
+from lightning_ar.nn.sampling_run import SamplingRun
 from lightning_ar.nn.trace import GenerationTrace, StepRecord
+from lightning_ar.nn.transformer_spec import TransformerSpec
 
 __all__ = [
     "SAMPLERS",
@@ -21,7 +23,9 @@ __all__ = [
     "MaskedAutoregressiveTransformer",
     "MeanBias",
     "SamplingOptions",
+    "SamplingRun",
     "StepRecord",
+    "TransformerSpec",
     "cosine_schedule",
     "mask_from_orders",
     "patchify",

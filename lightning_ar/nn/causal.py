@@ -25,10 +25,13 @@ from torch import Tensor, nn
 
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
 from lightning_ar.nn.dit import ClassEmbedding
+from lightning_ar.nn.init import normal_embeddings_, xavier_linears_
 from lightning_ar.nn.sampler import ConditionRefiner, cfg_at_step
 from lightning_ar.nn.sampling_options import SamplingOptions, check_labels
-from lightning_ar.nn.trace import GenerationTrace
+from lightning_ar.nn.sampling_run import SamplingRun
+from lightning_ar.nn.transformer_spec import TransformerSpec
 from lightning_ar.progress import progress_bar
+from lightning_ar.seeding import seeded_generator
 
 ORDERS = ("raster", "random")
 
@@ -104,62 +107,46 @@ class CausalTransformer(nn.Module):
         token_dim: Dimension of one token.
         seq_len: Tokens per image.
         num_classes: Number of class labels (the null class is a separate learned vector).
-        width: Transformer width (= condition dimension).
-        encoder_depth: Causal blocks before the decoder projection.
-        decoder_depth: Causal blocks after it.
-        num_heads: Attention heads.
-        mlp_ratio: Block MLP ratio.
-        buffer_size: Leading slots holding the class embedding.
-        dropout: Attention/projection dropout.
-        label_drop_prob: Class-label drop probability in training (CFG).
+        spec: Width, depths, ``buffer_size`` and regularisation (:class:`TransformerSpec`; its defaults when ``None``).
         order: ``raster`` or ``random`` (one permutation fixed by ``order_seed``, saved as a buffer).
         order_seed: Seed of the ``random`` order.
     """
 
-    def __init__(self, token_dim: int, seq_len: int, num_classes: int, width: int = 256, encoder_depth: int = 4,
-                 decoder_depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4.0, buffer_size: int = 4,
-                 dropout: float = 0.1, label_drop_prob: float = 0.1, order: str = "raster",
-                 order_seed: int = 0) -> None:
+    def __init__(self, token_dim: int, seq_len: int, num_classes: int, spec: TransformerSpec | None = None,
+                 order: str = "raster", order_seed: int = 0) -> None:
         super().__init__()
-        if buffer_size < 1:
-            raise ValueError(f"buffer_size must be >= 1 (it carries the class embedding), got {buffer_size}")
+        spec = spec or TransformerSpec()
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        width, buffer_size, heads = spec.width, spec.buffer_size, spec.num_heads
+        ratio, dropout = spec.mlp_ratio, spec.dropout
         self.seq_len, self.buffer_size, self.num_classes = seq_len, buffer_size, num_classes
-        self.classes = ClassEmbedding(num_classes, width, label_drop_prob)
-        perm = torch.randperm(seq_len, generator=torch.Generator().manual_seed(order_seed))
+        self.classes = ClassEmbedding(num_classes, width, spec.label_drop_prob)
+        perm = torch.randperm(seq_len, generator=seeded_generator(order_seed))
         self.register_buffer("order", perm if order == "random" else torch.arange(seq_len))
         self.z_proj = nn.Linear(token_dim, width)
         self.z_proj_ln = nn.LayerNorm(width, eps=1e-6)
         self.encoder_pos_embed = nn.Parameter(torch.zeros(1, buffer_size + seq_len - 1, width))
-        self.encoder_blocks = nn.ModuleList(CausalBlock(width, num_heads, mlp_ratio, dropout)
-                                            for _ in range(encoder_depth))
+        self.encoder_blocks = nn.ModuleList(CausalBlock(width, heads, ratio, dropout)
+                                            for _ in range(spec.encoder_depth))
         self.encoder_norm = nn.LayerNorm(width, eps=1e-6)
         self.decoder_embed = nn.Linear(width, width)
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, buffer_size + seq_len - 1, width))
-        self.decoder_blocks = nn.ModuleList(CausalBlock(width, num_heads, mlp_ratio, dropout)
-                                            for _ in range(decoder_depth))
+        self.decoder_blocks = nn.ModuleList(CausalBlock(width, heads, ratio, dropout)
+                                            for _ in range(spec.decoder_depth))
         self.decoder_norm = nn.LayerNorm(width, eps=1e-6)
         self.diffusion_pos_embed = nn.Parameter(torch.zeros(1, seq_len, width))
+        self.width = width  # dimension of the produced conditions
         self.reset_parameters()
-
-    @property
-    def width(self) -> int:
-        """Dimension of the produced conditions."""
-        return self.z_proj.out_features
 
     @property
     def label_drop_prob(self) -> float:
         return self.classes.label_drop_prob
 
     def reset_parameters(self) -> None:
-        """MAR's initialisation: normal(0.02) embeddings, Xavier linears, unit LayerNorms."""
-        for p in (self.encoder_pos_embed, self.decoder_pos_embed, self.diffusion_pos_embed):
-            nn.init.normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        """MAR's initialisation: normal(0.02) embeddings, Xavier linears."""
+        normal_embeddings_(self.encoder_pos_embed, self.decoder_pos_embed, self.diffusion_pos_embed)
+        xavier_linears_(self)
 
     def class_embedding(self, labels: Tensor, drop: Tensor | None = None) -> Tensor:
         """``[B, width]``; the null class where ``drop`` is ``True`` or ``labels == -1``."""
@@ -260,12 +247,9 @@ def sample_causal_tokens(
     head: DiffusionLoss,
     labels: Tensor,
     options: SamplingOptions,
+    run: SamplingRun | None = None,
     *,
-    generator: torch.Generator | None = None,
-    trace: GenerationTrace | None = None,
-    refiner: ConditionRefiner | None = None,
     use_cache: bool = True,
-    progress: bool = False,
 ) -> Tensor:
     """Generate token sequences one token per AR step in the model's fixed order.
 
@@ -275,17 +259,17 @@ def sample_causal_tokens(
         labels: ``[B]`` class labels.
         options: Guidance and its schedule (``cfg == 1``: no null branch) and the head's sampler, steps and
             temperature; ``num_iter`` must be ``None`` or the number of tokens (one token per step).
-        generator: RNG on ``labels``' device for all noise.
-        trace: Filled with one record per AR step (one token per sample each).
-        refiner: Hook applied to the conditions of each step (e.g. the OT refinement).
+        run: The call's generator (on ``labels``' device, for all noise), trace (one record per AR step, one token per
+            sample each), refiner (applied to the conditions of each step) and progress bar.
         use_cache: Reuse keys and values (``False`` recomputes the prefix every step: same tokens, slower).
-        progress: Show a progress bar over AR steps.
 
     Returns:
         ``[B, L, token_dim]`` tokens in position (raster) order.
     """
     seq_len = model.seq_len
     check_labels(labels, model.num_classes)
+    run = run or SamplingRun()
+    generator, trace, refiner = run.generator, run.trace, run.refiner
     if options.num_iter not in (None, seq_len):
         raise ValueError(f"num_iter must be {seq_len} (one token per step) for this model, got {options.num_iter}")
     options.check_for(seq_len, head.num_train_timesteps)
@@ -296,7 +280,7 @@ def sample_causal_tokens(
     cache = KVCache() if use_cache else None
     if trace is not None:
         trace.labels = trace._store(labels)
-    for i in progress_bar(range(seq_len), desc="AR steps", disable=not progress, leave=False):
+    for i in progress_bar(range(seq_len), desc="AR steps", disable=not run.progress, leave=False):
         if not use_cache:
             z_all = model.conditions_uncached(ordered[:, :i].repeat(2 if guided else 1, 1, 1), both)
         elif i == 0:

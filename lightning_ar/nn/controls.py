@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from lightning_ar.nn.trace import GenerationTrace
+from lightning_ar.seeding import seeded_generator
 
 
 @dataclass
@@ -105,7 +106,7 @@ class MeanBias(_Control):
     def __init__(self, stats: ConditionStats, start_step: int, scale: float = 0.5, seed: int = 0) -> None:
         super().__init__(start_step)
         self.stats, self.scale = stats, scale
-        u = torch.randn(stats.means.shape[-1], generator=torch.Generator().manual_seed(seed))
+        u = torch.randn(stats.means.shape[-1], generator=seeded_generator(seed))
         self.direction = u / u.norm()
 
     def inject(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
@@ -146,7 +147,7 @@ class ContextShuffle(_Control):
     def __init__(self, start_step: int, seq_len: int, seed: int = 0) -> None:
         super().__init__(start_step)
         self.seq_len = seq_len
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = seeded_generator(seed)
         self.swapped = 0
         self.total = 0
 

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lightning_ar.nn.init import xavier_linears_
+
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding ``[N, dim]`` of (possibly fractional) timesteps ``t`` ``[N]``."""
@@ -89,10 +91,7 @@ class AdaLNMLPDenoiser(nn.Module):
 
     def reset_parameters(self) -> None:
         """Xavier linears, normal(0.02) timestep MLP, zero modulations and output layer."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_linears_(self)
         for layer in (self.time_embed.mlp[0], self.time_embed.mlp[2]):
             nn.init.normal_(layer.weight, std=0.02)
         for block in self.blocks:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lightning_ar.nn.diffusion_head import AdaLNResBlock, FinalLayer, TimestepEmbedder
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
+from lightning_ar.nn.init import xavier_linears_
 
 
 class ClassEmbedding(nn.Module):
@@ -85,10 +86,7 @@ class TokenOutputHead(nn.Module):
         self.input_proj = nn.Linear(token_dim, head_width)
         self.blocks = nn.ModuleList(AdaLNResBlock(head_width) for _ in range(head_depth))
         self.final = FinalLayer(head_width, token_dim * (2 if learn_sigma else 1))
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_linears_(self)
         for layer in [b.modulation[-1] for b in self.blocks] + [self.final.modulation[-1], self.final.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)

@@ -13,7 +13,9 @@ from einops import rearrange
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from lightning_ar.nn.init import normal_embeddings_, xavier_linears_
 from lightning_ar.nn.masking import random_orders
+from lightning_ar.nn.transformer_spec import TransformerSpec
 
 
 def patchify(latents: Tensor, patch_size: int) -> Tensor:
@@ -56,66 +58,39 @@ class MaskedAutoregressiveTransformer(nn.Module):
         token_dim: Dimension of one token (``patch_size**2 * latent channels``).
         seq_len: Number of tokens per image.
         num_classes: Number of class labels; index ``num_classes`` is never used (the null class is a separate vector).
-        width: Transformer width for both encoder and decoder (the condition dimension).
-        encoder_depth: Number of encoder blocks.
-        decoder_depth: Number of decoder blocks.
-        num_heads: Attention heads.
-        mlp_ratio: Hidden size of the block MLP relative to ``width``.
-        buffer_size: Leading positions filled with the class embedding (MAR: 64).
-        dropout: Dropout in attention and projections (MAR: 0.1).
-        label_drop_prob: Probability of replacing the class embedding by the learned null embedding in training.
+        spec: Width, depths, ``buffer_size`` and regularisation (:class:`TransformerSpec`; its defaults when ``None``).
     """
 
-    def __init__(
-        self,
-        token_dim: int,
-        seq_len: int,
-        num_classes: int,
-        width: int = 256,
-        encoder_depth: int = 4,
-        decoder_depth: int = 4,
-        num_heads: int = 4,
-        mlp_ratio: float = 4.0,
-        buffer_size: int = 4,
-        dropout: float = 0.1,
-        label_drop_prob: float = 0.1,
-    ) -> None:
+    def __init__(self, token_dim: int, seq_len: int, num_classes: int, spec: TransformerSpec | None = None) -> None:
         super().__init__()
-        if buffer_size < 1:
-            raise ValueError(f"buffer_size must be >= 1 (it carries the class embedding), got {buffer_size}")
+        spec = spec or TransformerSpec()
+        width, buffer_size, heads = spec.width, spec.buffer_size, spec.num_heads
+        ratio, dropout = spec.mlp_ratio, spec.dropout
         self.seq_len, self.buffer_size, self.num_classes = seq_len, buffer_size, num_classes
-        self.label_drop_prob = label_drop_prob
+        self.label_drop_prob = spec.label_drop_prob
         self.class_emb = nn.Embedding(num_classes, width)
         self.null_class_emb = nn.Parameter(torch.zeros(1, width))
         self.z_proj = nn.Linear(token_dim, width)
         self.z_proj_ln = nn.LayerNorm(width, eps=1e-6)
         self.encoder_pos_embed = nn.Parameter(torch.zeros(1, buffer_size + seq_len, width))
-        self.encoder_blocks = _blocks(width, encoder_depth, num_heads, mlp_ratio, dropout)
+        self.encoder_blocks = _blocks(width, spec.encoder_depth, heads, ratio, dropout)
         self.encoder_norm = nn.LayerNorm(width, eps=1e-6)
         self.decoder_embed = nn.Linear(width, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, buffer_size + seq_len, width))
-        self.decoder_blocks = _blocks(width, decoder_depth, num_heads, mlp_ratio, dropout)
+        self.decoder_blocks = _blocks(width, spec.decoder_depth, heads, ratio, dropout)
         self.decoder_norm = nn.LayerNorm(width, eps=1e-6)
         self.diffusion_pos_embed = nn.Parameter(torch.zeros(1, seq_len, width))
+        self.width = width  # dimension of the produced conditions
         self.reset_parameters()
-
-    @property
-    def width(self) -> int:
-        """Dimension of the produced conditions."""
-        return self.z_proj.out_features
 
     def reset_parameters(self) -> None:
         """MAR's initialisation: normal(0.02) for embeddings and tokens, Xavier for linears, unit LayerNorms."""
-        for p in (self.class_emb.weight, self.null_class_emb, self.mask_token):
-            nn.init.normal_(p, std=0.02)
-        for p in (self.encoder_pos_embed, self.decoder_pos_embed, self.diffusion_pos_embed):
-            nn.init.normal_(p, std=0.02)
+        normal_embeddings_(self.class_emb.weight, self.null_class_emb, self.mask_token, self.encoder_pos_embed,
+                           self.decoder_pos_embed, self.diffusion_pos_embed)
+        xavier_linears_(self)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias) if m.bias is not None else None
-            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 

@@ -23,6 +23,7 @@ from lightning_ar.nn.refine import (
     refine_conditions,
     sinkhorn_divergence,
 )
+from lightning_ar.seeding import seeded_generator
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class FlowRefiner:
 
     def _flow(self, bank: ConditionBank, z: Tensor, labels: Tensor, positions: Tensor, step: int, classes: int):
         s = self.settings
-        generator = torch.Generator(bank.conditions.device).manual_seed(self.seed * 7919 + step)
+        generator = seeded_generator(self.seed, step, stride=7919, device=bank.conditions.device)
         return refine_conditions(LabelledConditions(z, labels, positions), bank.sample(step, s.target_size, generator),
                                  classes, self.seq_len, s.options, label_weight=s.label_weight,
                                  record_trace=self.record_trace)

@@ -15,7 +15,7 @@ from lightning_ar.nn.diffusion_loss import DiffusionLoss
 from lightning_ar.nn.mar import MaskedAutoregressiveTransformer
 from lightning_ar.nn.masking import cosine_schedule, mask_from_orders, random_orders
 from lightning_ar.nn.sampling_options import CfgSchedule, SamplingOptions, check_labels
-from lightning_ar.nn.trace import GenerationTrace
+from lightning_ar.nn.sampling_run import SamplingRun
 from lightning_ar.progress import progress_bar
 
 
@@ -57,11 +57,7 @@ def sample_tokens(
     head: DiffusionLoss,
     labels: Tensor,
     options: SamplingOptions,
-    *,
-    generator: torch.Generator | None = None,
-    trace: GenerationTrace | None = None,
-    refiner: ConditionRefiner | None = None,
-    progress: bool = False,
+    run: SamplingRun | None = None,
 ) -> Tensor:
     """Generate token sequences for ``labels``.
 
@@ -71,15 +67,15 @@ def sample_tokens(
         labels: ``[B]`` class labels.
         options: AR steps (``1..L``), guidance and its schedule (``cfg == 1`` computes no null branch), and the
             head's sampler, steps and temperature.
-        generator: RNG on ``labels``' device, for orders and all noise.
-        trace: Filled with one record per AR step when given.
-        refiner: Optional hook applied to the conditional-branch conditions of each step.
-        progress: Show a progress bar over AR steps.
+        run: The call's generator (on ``labels``' device, for orders and all noise), trace (one record per AR step),
+            refiner (applied to the conditional-branch conditions of each step) and progress bar.
 
     Returns:
         ``[B, L, token_dim]`` tokens.
     """
     check_labels(labels, mar.num_classes)
+    run = run or SamplingRun()
+    generator, trace, refiner = run.generator, run.trace, run.refiner
     if options.num_iter is None:
         raise ValueError("num_iter must be an integer in [1, L] for MAR sampling, got None")
     options.check_for(mar.seq_len, head.num_train_timesteps)
@@ -91,7 +87,7 @@ def sample_tokens(
     if trace is not None:
         trace.labels = trace._store(labels)
     schedule = cosine_schedule(seq_len, num_iter)
-    for k in progress_bar(range(num_iter), desc="AR steps", disable=not progress, leave=False):
+    for k in progress_bar(range(num_iter), desc="AR steps", disable=not run.progress, leave=False):
         z, z_null = _conditions(mar, tokens, mask, labels, guided=cfg != 1.0)  # (B, L, D) each
         mask_next = mask_from_orders(orders, schedule[k])
         to_pred = mask & ~mask_next  # (B, L)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_ar.seeding import seeded_generator
 from lightning_ar.theory.stats import percentile_ci
 from lightning_ar.theory.stats import verdict as stats_verdict
 
@@ -38,7 +39,7 @@ class Replicates:
     @classmethod
     def draw(cls, num_seeds: int, num_samples: int, count: int = 1000, seed: int = 0) -> Replicates:
         """``count`` replicates (plus none: the point estimate is :meth:`identity`)."""
-        gen = torch.Generator().manual_seed(seed)
+        gen = seeded_generator(seed)
         seeds = torch.randint(0, num_seeds, (count, num_seeds), generator=gen)
         draws = torch.randint(0, num_samples, (count * num_seeds, num_samples), generator=gen)
         weights = torch.zeros(count * num_seeds, num_samples, dtype=torch.float64)

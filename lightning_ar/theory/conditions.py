@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from lightning_ar.nn.trace import GenerationTrace
+from lightning_ar.seeding import seeded_generator
 from lightning_ar.theory.dispersion import DispersionRatio, dispersion_ratio, pooled_dispersion, ratio_state
 from lightning_ar.theory.grouped_sinkhorn import group_clouds, grouped_divergence
 from lightning_ar.theory.stats import HOLDS, UNMEASURABLE, UNRESOLVED, PairedComparison, half_sample_ci, verdict
@@ -146,7 +147,7 @@ def half_sample_weights(num_images: int, reps: int, seed: int = 0) -> Tensor:
     The resampling of the divergence statistics (:func:`~lightning_ar.theory.stats.half_sample_ci`): a divergence of
     a few conditions per group depends on each group's count, which with-replacement duplicates would change.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded_generator(seed)
     rows = torch.zeros(reps, num_images, dtype=torch.float64)
     for r in range(reps):
         rows[r, torch.randperm(num_images, generator=gen)[: max(num_images // 2, 1)]] = 1.0

@@ -21,6 +21,7 @@ from lightning_ar.data.sources import GMMSource
 from lightning_ar.nn.controls import ConditionStats, ContextShuffle, Dispersion, MeanBias
 from lightning_ar.nn.sampler import ConditionRefiner
 from lightning_ar.nn.trace import GenerationTrace
+from lightning_ar.seeding import seeded_generator
 from lightning_ar.theory.condition_errors import ConditionModel, oracle_trace, teacher_forced_trace
 from lightning_ar.theory.ground_truth import StepTruth, exact_trace, trace_truth
 from lightning_ar.theory.oracle import OracleSettings
@@ -50,7 +51,7 @@ class TruthSettings:
     seed: int = 0
 
     def rng(self, stream: int) -> torch.Generator:
-        return torch.Generator().manual_seed(1000 * self.seed + stream)
+        return seeded_generator(self.seed, stream, stride=1000)
 
 
 def head_of(trace: GenerationTrace, count: int) -> GenerationTrace:

@@ -20,6 +20,10 @@ from lightning_ar.nn import (
     sample_tokens,
     unpatchify,
 )
+from lightning_ar.nn.sampling_run import SamplingRun
+from lightning_ar.nn.transformer_spec import TransformerSpec
+
+SMALL = TransformerSpec(width=32, encoder_depth=1, decoder_depth=1, num_heads=2)
 
 
 def test_patchify_roundtrip_and_layout() -> None:
@@ -73,7 +77,7 @@ def test_cosine_schedule_rejects_bad_num_iter(num_iter: int) -> None:
 
 def test_transformer_ignores_masked_token_values() -> None:
     torch.manual_seed(0)
-    mar = MaskedAutoregressiveTransformer(4, 16, 10, width=32, encoder_depth=1, decoder_depth=1, num_heads=2).eval()
+    mar = MaskedAutoregressiveTransformer(4, 16, 10, SMALL).eval()
     tokens, labels = torch.randn(2, 16, 4), torch.tensor([1, 2])
     mask = mask_from_orders(random_orders(2, 16, torch.Generator().manual_seed(1)), 10)
     z = mar(tokens, mask, labels)
@@ -87,7 +91,7 @@ def test_transformer_ignores_masked_token_values() -> None:
 
 
 def test_transformer_null_label_and_drop() -> None:
-    mar = MaskedAutoregressiveTransformer(4, 16, 10, width=32, encoder_depth=1, decoder_depth=1, num_heads=2).eval()
+    mar = MaskedAutoregressiveTransformer(4, 16, 10, SMALL).eval()
     labels = torch.tensor([3, 4])
     emb = mar.class_embedding(labels, drop=torch.tensor([True, False]))
     assert torch.equal(emb[0], mar.null_class_emb[0]) and torch.equal(emb[1], mar.class_emb.weight[4])
@@ -95,7 +99,7 @@ def test_transformer_null_label_and_drop() -> None:
 
 
 def test_transformer_rejects_ragged_masks() -> None:
-    mar = MaskedAutoregressiveTransformer(4, 16, 10, width=32, encoder_depth=1, decoder_depth=1, num_heads=2)
+    mar = MaskedAutoregressiveTransformer(4, 16, 10, SMALL)
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[0, :3] = True
     with pytest.raises(ValueError, match="same number"):
@@ -188,12 +192,12 @@ def test_timestep_spacing_sets_the_sampling_timesteps(spacing: str, first: int, 
 
 def test_sample_tokens_fills_trace() -> None:
     torch.manual_seed(0)
-    mar = MaskedAutoregressiveTransformer(4, 16, 10, width=32, encoder_depth=1, decoder_depth=1, num_heads=2).eval()
+    mar = MaskedAutoregressiveTransformer(4, 16, 10, SMALL).eval()
     head = DiffusionLoss(4, 32, width=16, depth=1)
     trace = GenerationTrace()
     labels = torch.tensor([0, 1, 2])
-    tokens = sample_tokens(mar, head, labels, SamplingOptions(num_iter=4, cfg=2.0, num_sampling_steps=3), trace=trace,
-                           generator=torch.Generator().manual_seed(0))
+    tokens = sample_tokens(mar, head, labels, SamplingOptions(num_iter=4, cfg=2.0, num_sampling_steps=3),
+                           SamplingRun(torch.Generator().manual_seed(0), trace))
     assert tokens.shape == (3, 16, 4)
     assert [r.num_masked_after for r in trace.steps] == cosine_schedule(16, 4)
     positions = torch.cat([r.positions for r in trace.steps], dim=1)
