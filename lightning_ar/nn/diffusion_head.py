@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_ar.nn.init import xavier_linears_
+from lightning_ar.nn.param_cache import cached_on_params
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -48,7 +50,11 @@ class AdaLNResBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         """``x``, ``c``: ``[N, width]``."""
-        shift, scale, gate = self.modulation(c).chunk(3, dim=-1)  # 3 x (N, W)
+        return self.modulated(x, self.modulation(c))
+
+    def modulated(self, x: Tensor, modulation: Tensor) -> Tensor:
+        """``x`` ``[N, width]`` with this block's ``modulation(c)`` ``[N, 3 * width]`` (shift, scale, gate) given."""
+        shift, scale, gate = modulation.chunk(3, dim=-1)  # 3 x (N, W)
         h = self.norm(x) * (1 + scale) + shift
         return x + gate * self.mlp(h)
 
@@ -63,7 +69,11 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, out_dim)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.modulation(c).chunk(2, dim=-1)
+        return self.modulated(x, self.modulation(c))
+
+    def modulated(self, x: Tensor, modulation: Tensor) -> Tensor:
+        """``x`` ``[N, width]`` with ``modulation(c)`` ``[N, 2 * width]`` (shift, scale) given."""
+        shift, scale = modulation.chunk(2, dim=-1)
         return self.linear(self.norm(x) * (1 + scale) + shift)
 
 
@@ -119,7 +129,34 @@ class AdaLNMLPDenoiser(nn.Module):
 
         Samplers use it to embed the conditions once per AR step and the (shared) timestep once per denoising step.
         """
+        modulations = self.modulations(c)
         h = self.input_proj(x)  # (N, W)
-        for block in self.blocks:
-            h = block(h, c)
-        return self.final(h, c)
+        for block, modulation in zip(self.blocks, modulations):
+            h = block.modulated(h, modulation)
+        return self.final.modulated(h, modulations[-1])
+
+    def modulations(self, c: Tensor) -> tuple[Tensor, ...]:
+        """Every block's and the final layer's ``modulation(c)`` from one matrix product: each is a linear map of
+        the same ``SiLU(c)`` ``[N, W]``, so their weights are stacked (``[(3 * depth + 2) * W, W]``) and applied once.
+
+        Returns:
+            ``depth`` tensors ``[N, 3W]`` and one ``[N, 2W]``.
+        """
+        weight, bias = self._stacked_modulation()
+        out = F.linear(F.silu(c), weight, bias)  # (N, (3 * depth + 2) * W)
+        return out.split(self._modulation_sizes, dim=-1)
+
+    @property
+    def _modulation_layers(self) -> list[nn.Linear]:
+        return [block.modulation[-1] for block in self.blocks] + [self.final.modulation[-1]]
+
+    @property
+    def _modulation_sizes(self) -> list[int]:
+        return [layer.out_features for layer in self._modulation_layers]
+
+    def _stacked_modulation(self) -> tuple[Tensor, Tensor]:
+        """The stacked modulation weight and bias (kept between sampling calls while the weights are unchanged)."""
+        layers = self._modulation_layers
+        params = [t for m in layers for t in (m.weight, m.bias)]
+        return cached_on_params(self, "_stacked_modulation_cache", params, None, lambda: (
+            torch.cat([m.weight for m in layers]), torch.cat([m.bias for m in layers])))

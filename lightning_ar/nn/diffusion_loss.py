@@ -10,6 +10,7 @@ noise predictions of a conditional and a null batch of conditions.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -17,6 +18,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor, nn
 
 from lightning_ar.nn.diffusion_head import AdaLNMLPDenoiser
+from lightning_ar.nn.param_cache import cached_on_params
 from lightning_ar.nn.sampling_options import SAMPLERS, SamplingOptions
 
 SamplerName = Literal["ddpm", "ddim", "dpm++"]
@@ -39,6 +41,33 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+@dataclass(frozen=True)
+class DDPMStepCoefficients:
+    """Scalars ``[]`` (float32, on the schedule's device) of one respaced DDPM step from ``t`` to ``prev``.
+
+    ``pred_x0 = (x - sqrt_one_minus_ab * eps) / sqrt_ab``; ``mean = (coef_x0 * pred_x0 + coef_xt * x) / one_minus_ab``;
+    the learned-range log-variance interpolates between ``min_log`` (posterior) and ``max_log`` (``log beta``).
+    """
+
+    sqrt_one_minus_ab: Tensor
+    sqrt_ab: Tensor
+    coef_x0: Tensor
+    coef_xt: Tensor
+    one_minus_ab: Tensor
+    min_log: Tensor
+    max_log: Tensor
+
+    @classmethod
+    def between(cls, alphas_cumprod: Tensor, t: int, prev: int) -> DDPMStepCoefficients:
+        """The coefficients from training timestep ``t`` to ``prev`` (``-1``: to the clean token)."""
+        ab = alphas_cumprod[t]
+        ab_prev = alphas_cumprod[prev] if prev >= 0 else ab.new_ones(())
+        beta = 1.0 - ab / ab_prev
+        min_log = torch.log((beta * (1.0 - ab_prev) / (1.0 - ab)).clamp(min=1e-20))
+        return cls((1.0 - ab).sqrt(), ab.sqrt(), ab_prev.sqrt() * beta, (1.0 - beta).sqrt() * (1.0 - ab_prev),
+                   1.0 - ab, min_log, torch.log(beta))
 
 
 class DiffusionLoss(nn.Module):
@@ -141,17 +170,16 @@ class DiffusionLoss(nn.Module):
         nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var).mean(dim=-1) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
-    def _denoise(self, x: Tensor, t: int, cond: Tensor, cfg: float) -> tuple[Tensor, Tensor | None]:
+    def _denoise(self, x: Tensor, t_emb: Tensor, cond: Tensor, cfg: float) -> tuple[Tensor, Tensor | None]:
         """Noise ``[N, D]`` and variance interpolation for one step.
 
         ``cond`` is the embedded condition ``net.cond_embed(z)``: ``[N, W]``, or ``[2N, W]`` (conditional rows then
-        null rows) for classifier-free guidance; the guided variance is the conditional branch's. The timestep is
-        embedded once and broadcast (every row shares it).
+        null rows) for classifier-free guidance; the guided variance is the conditional branch's. ``t_emb``
+        ``[1, W]`` is the step's timestep embedding, broadcast (every row shares it).
         """
         n = x.shape[0]
         guided = cond.shape[0] == 2 * n
         x_in = torch.cat([x, x]) if guided else x  # (N or 2N, D)
-        t_emb = self.net.time_embed(torch.full((1,), t, device=x.device, dtype=torch.long))  # (1, W)
         out = self.net.forward_embedded(x_in, cond + t_emb).float()  # (N or 2N, 2D)
         eps, v = out[:, : self.token_dim], (out[:, self.token_dim :] if self.learn_sigma else None)
         if guided:
@@ -159,17 +187,30 @@ class DiffusionLoss(nn.Module):
             v = v[:n] if v is not None else None
         return eps, v
 
-    def _ddpm_step(self, x: Tensor, eps: Tensor, v: Tensor | None, t: int, prev: int, noise: Tensor | None) -> Tensor:
+    def _ddpm_plan(self, timesteps: tuple[int, ...]) -> list[DDPMStepCoefficients]:
+        """The respaced DDPM coefficients of each step of ``timesteps`` (to the next one; the last to clean), from
+        the training schedule; kept while the schedule buffers are unchanged."""
+        def build() -> list[DDPMStepCoefficients]:
+            nexts = (*timesteps[1:], -1)
+            return [DDPMStepCoefficients.between(self.alphas_cumprod, t, prev) for t, prev in zip(timesteps, nexts)]
+        return cached_on_params(self, "_ddpm_plan_cache", [self.alphas_cumprod], timesteps, build)
+
+    def _time_embeddings(self, timesteps: tuple[int, ...], device: torch.device) -> list[Tensor]:
+        """``[1, W]`` embedding of each timestep, as one step would compute it; kept between sampling calls while
+        the denoiser's weights are unchanged."""
+        def build() -> list[Tensor]:
+            return [self.net.time_embed(torch.full((1,), t, device=device, dtype=torch.long)) for t in timesteps]
+        return cached_on_params(self, "_time_embedding_cache", self.net.parameters(),
+                                (timesteps, device), build)
+
+    def _ddpm_step(self, x: Tensor, eps: Tensor, v: Tensor | None, step: DDPMStepCoefficients,
+                   noise: Tensor | None) -> Tensor:
         """One respaced DDPM step from ``t`` to ``prev`` (``-1`` = clean) with the learned-range variance."""
-        ab = self.alphas_cumprod[t]
-        ab_prev = self.alphas_cumprod[prev] if prev >= 0 else ab.new_ones(())
-        beta = 1.0 - ab / ab_prev
-        pred_x0 = (x - (1.0 - ab).sqrt() * eps) / ab.sqrt()
-        mean = (ab_prev.sqrt() * beta * pred_x0 + (1.0 - beta).sqrt() * (1.0 - ab_prev) * x) / (1.0 - ab)
+        pred_x0 = (x - step.sqrt_one_minus_ab * eps) / step.sqrt_ab
+        mean = (step.coef_x0 * pred_x0 + step.coef_xt * x) / step.one_minus_ab
         if noise is None:
             return mean
-        min_log = torch.log((beta * (1.0 - ab_prev) / (1.0 - ab)).clamp(min=1e-20))
-        log_var = self._learned_log_var(v, min_log, torch.log(beta)) if v is not None else min_log
+        log_var = self._learned_log_var(v, step.min_log, step.max_log) if v is not None else step.min_log
         return mean + torch.exp(0.5 * log_var) * noise
 
     def _scheduler(self, sampler: str, num_steps: int, device: torch.device):
@@ -233,15 +274,17 @@ class DiffusionLoss(nn.Module):
         z_in = torch.cat([z, z_null]) if z_null is not None else z  # (N or 2N, C)
         cond = self.net.cond_embed(z_in)  # (N or 2N, W), embedded once per AR step
         x = torch.randn(z.shape[0], self.token_dim, device=z.device, generator=generator)  # (N, D)
+        timesteps = tuple(int(t) for t in scheduler.timesteps)
+        t_embs = self._time_embeddings(timesteps, z.device)  # S x (1, W)
         if sampler != "ddpm":
             x = x * temperature
-        timesteps = [int(t) for t in scheduler.timesteps]
-        for i, t in enumerate(timesteps):
-            eps, v = self._denoise(x, t, cond, cfg)
-            if sampler != "ddpm":
+            for t, t_emb in zip(timesteps, t_embs):
+                eps, _ = self._denoise(x, t_emb, cond, cfg)
                 x = scheduler.step(eps, t, x).prev_sample
-                continue
+            return x
+        for i, (step, t_emb) in enumerate(zip(self._ddpm_plan(timesteps), t_embs)):
+            eps, v = self._denoise(x, t_emb, cond, cfg)
             last = i == len(timesteps) - 1
             noise = None if last else torch.randn(x.shape, device=x.device, generator=generator) * temperature
-            x = self._ddpm_step(x, eps, v, t, -1 if last else timesteps[i + 1], noise)
+            x = self._ddpm_step(x, eps, v, step, noise)
         return x
