@@ -128,9 +128,14 @@ class AdaLNMLPDenoiser(nn.Module):
         """Denoiser output from a ready conditioning vector ``c`` ``[N, width]`` (``time_embed(t) + cond_embed(z)``).
 
         Samplers use it to embed the conditions once per AR step and the (shared) timestep once per denoising step.
+        Without autograd (sampling) all modulations come from one stacked matrix product (:meth:`modulations`).
         """
-        modulations = self.modulations(c)
         h = self.input_proj(x)  # (N, W)
+        if torch.is_grad_enabled():  # training: stacking the weights (and splitting their gradients) costs more
+            for block in self.blocks:
+                h = block(h, c)
+            return self.final(h, c)
+        modulations = self.modulations(c)
         for block, modulation in zip(self.blocks, modulations):
             h = block.modulated(h, modulation)
         return self.final.modulated(h, modulations[-1])
