@@ -82,8 +82,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: C
     optimizer.step()
 
 
-def compare(ref_dir: Path, name: str, cfg: dict[str, int], rounds: int, steps: int) -> dict[str, Any]:
-    """Median seconds per training step and per generation of both models over ``rounds`` alternating rounds."""
+def compare(ref_dir: Path, name: str, cfg: dict[str, int], rounds: int, steps: int,
+            precision: str = "fp32") -> dict[str, Any]:
+    """Median seconds per training step and per generation of both models over ``rounds`` alternating rounds;
+    ``bf16-mixed`` runs all four under CPU autocast to bfloat16 (weights and optimizer stay float32)."""
+    def autocast() -> Any:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
     torch.manual_seed(0)
     ref, ours = reference_model(ref_dir, cfg).train(), our_model(cfg).train()
     latents = torch.randn(cfg["batch"], cfg["c"], cfg["h"], cfg["h"])
@@ -93,20 +98,22 @@ def compare(ref_dir: Path, name: str, cfg: dict[str, int], rounds: int, steps: i
     sample_labels = torch.arange(cfg["samples"]) % NUM_CLASSES
 
     def ref_train() -> None:
-        with cuda_is_cpu():
+        with cuda_is_cpu(), autocast():
             train_step(ref, opt_ref, lambda: ref(latents, labels))
 
     def our_train() -> None:
-        train_step(ours, opt_ours, lambda: ours.diffusion_loss(latents, labels, torch.Generator().manual_seed(0)))
+        with autocast():
+            train_step(ours, opt_ours, lambda: ours.diffusion_loss(latents, labels, torch.Generator().manual_seed(0)))
 
     def ref_sample() -> None:
-        with cuda_is_cpu(), torch.no_grad():
+        with cuda_is_cpu(), torch.no_grad(), autocast():
             ref.eval().sample_tokens(cfg["samples"], num_iter=cfg["num_iter"], cfg=CFG, labels=sample_labels)
         ref.train()
 
     def our_sample() -> None:
-        ours.generate(sample_labels, num_iter=cfg["num_iter"], cfg=CFG, progress=False,
-                      generator=torch.Generator().manual_seed(0))
+        with autocast():
+            ours.generate(sample_labels, num_iter=cfg["num_iter"], cfg=CFG, progress=False,
+                          generator=torch.Generator().manual_seed(0))
 
     times: dict[str, list[float]] = {k: [] for k in ("ref_train", "our_train", "ref_sample", "our_sample")}
     ref_train(), our_train()  # warm-up
@@ -132,13 +139,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians over them)")
     parser.add_argument("--steps", type=int, default=5, help="training steps timed per round")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--precision", choices=("fp32", "bf16-mixed"), default="fp32",
+                        help="bf16-mixed: CPU autocast to bfloat16 for both models")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     opts = parser.parse_args(argv)
     if opts.rounds < 1 or opts.steps < 1:
         parser.error("--rounds and --steps must be >= 1")
-    results = {"results": [compare(opts.ref_dir.resolve(), n, CONFIGS[n], opts.rounds, opts.steps)
+    results = {"results": [compare(opts.ref_dir.resolve(), n, CONFIGS[n], opts.rounds, opts.steps, opts.precision)
                            for n in opts.configs],
-               "torch": torch.__version__, "precision": "fp32", "device": "cpu"}
+               "torch": torch.__version__, "precision": opts.precision, "device": "cpu"}
     text = json.dumps(results, indent=2)
     print(text)
     if opts.out is not None:

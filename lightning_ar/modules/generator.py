@@ -10,7 +10,7 @@ from torch import Tensor
 from lightning_ar.modules.base import DiffusionGenerator
 from lightning_ar.modules.steps import NETWORK_OPTIONS
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
-from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, patchify
+from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, masked_positions, patchify
 from lightning_ar.nn.masking import mask_from_orders, num_masked_for_training, random_orders, sample_mask_ratio
 from lightning_ar.nn.sampler import sample_tokens
 from lightning_ar.nn.sampling_options import SamplingOptions
@@ -74,10 +74,13 @@ class MARGenerator(DiffusionGenerator):
         ratio = sample_mask_ratio(generator, latents.device, low=self.hparams.mask_ratio_min,
                                   std=self.hparams.mask_ratio_std)
         orders = random_orders(tokens.shape[0], self.seq_len, generator, latents.device)
-        mask = mask_from_orders(orders, num_masked_for_training(self.seq_len, ratio))  # (B, L)
-        z = self.mar(tokens, mask, labels, drop=self.mar.label_drop(labels, generator))  # (B, L, W)
-        mul = self.hparams.diffusion_batch_mul
-        target, cond = tokens[mask].repeat(mul, 1), z[mask].repeat(mul, 1)  # (B*n*mul, Dt), (B*n*mul, W)
+        n = num_masked_for_training(self.seq_len, ratio)
+        mask = mask_from_orders(orders, n)  # (B, L)
+        z = self.mar(tokens, mask, labels, drop=self.mar.label_drop(labels, generator), num_masked=n)  # (B, L, W)
+        idx, mul = masked_positions(mask, n), self.hparams.diffusion_batch_mul  # (B, n): what tokens[mask] selects
+        target = tokens.gather(1, idx[..., None].expand(-1, -1, tokens.shape[-1])).reshape(-1, tokens.shape[-1])
+        cond = z.gather(1, idx[..., None].expand(-1, -1, z.shape[-1])).reshape(-1, z.shape[-1])
+        target, cond = target.repeat(mul, 1), cond.repeat(mul, 1)  # (B*n*mul, Dt), (B*n*mul, W)
         return self.head(target, cond, generator).mean()
 
     def no_decay_modules(self) -> tuple[torch.nn.Module, ...]:

@@ -45,6 +45,21 @@ def unpatchify(tokens: Tensor, patch_size: int, channels: int, height: int, widt
     return rearrange(tokens, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=patch_size, q=patch_size)
 
 
+def masked_positions(mask: Tensor, count: int) -> Tensor:
+    """``[B, count]`` positions where ``mask`` ``[B, L]`` is ``True``, ascending (every row has ``count`` of them).
+
+    What boolean indexing ``x[mask]`` selects, as indices of a static shape: ``x.gather(1, ...)`` then reads the same
+    values in the same order without a device sync or a data-dependent shape (a compiled graph sees fixed sizes).
+    """
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices  # True positions first, in order
+    return order[:, :count]
+
+
+def _rows(index: Tensor, width: int) -> Tensor:
+    """``[B, n]`` row indices expanded to ``[B, n, width]`` for ``gather``/``scatter`` along dimension 1."""
+    return index[..., None].expand(-1, -1, width)
+
+
 def _blocks(width: int, depth: int, num_heads: int, mlp_ratio: float, dropout: float) -> nn.ModuleList:
     return nn.ModuleList(
         Block(width, num_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=dropout) for _ in range(depth)
@@ -108,13 +123,14 @@ class MaskedAutoregressiveTransformer(nn.Module):
             return None
         return torch.rand(labels.shape[0], device=labels.device, generator=generator) < self.label_drop_prob
 
-    def encode(self, tokens: Tensor, mask: Tensor, class_emb: Tensor) -> Tensor:
+    def encode(self, tokens: Tensor, mask: Tensor, class_emb: Tensor, num_masked: int) -> Tensor:
         """Encoder over buffer + visible tokens.
 
         Args:
             tokens: ``[B, L, token_dim]``.
             mask: ``[B, L]`` bool, ``True`` where masked; every row must mask the same number of tokens.
             class_emb: ``[B, width]``.
+            num_masked: The masked count of every row.
 
         Returns:
             ``[B, buffer + visible, width]``.
@@ -124,20 +140,18 @@ class MaskedAutoregressiveTransformer(nn.Module):
         buffer = class_emb[:, None, :].expand(b, self.buffer_size, -1)  # (B, buf, W)
         x = torch.cat([buffer.to(x.dtype), x], dim=1) + self.encoder_pos_embed  # (B, buf+L, W)
         x = self.z_proj_ln(x)
-        keep = torch.cat([mask.new_ones(b, self.buffer_size), ~mask], dim=1)  # (B, buf+L)
-        x = x[keep].reshape(b, -1, x.shape[-1])  # (B, buf+visible, W)
+        x = x.gather(1, _rows(self._kept(mask, num_masked), x.shape[-1]))  # (B, buf+visible, W)
         for block in self.encoder_blocks:
             x = block(x)
         return self.encoder_norm(x)
 
-    def decode(self, x: Tensor, mask: Tensor) -> Tensor:
+    def decode(self, x: Tensor, mask: Tensor, num_masked: int) -> Tensor:
         """Decoder over all positions; returns conditions ``[B, L, width]`` (buffer removed)."""
         b = mask.shape[0]
         x = self.decoder_embed(x)  # (B, buf+visible, W)
-        keep = torch.cat([mask.new_ones(b, self.buffer_size), ~mask], dim=1)  # (B, buf+L)
-        full = self.mask_token.to(x.dtype).expand(b, keep.shape[1], -1).clone()  # (B, buf+L, W)
-        full[keep] = x.reshape(-1, x.shape[-1])
-        x = full + self.decoder_pos_embed
+        full = self.mask_token.to(x.dtype).expand(b, self.buffer_size + mask.shape[1], -1)  # (B, buf+L, W)
+        x = full.scatter(1, _rows(self._kept(mask, num_masked), x.shape[-1]), x)  # visible rows back in place
+        x = x + self.decoder_pos_embed
         for block in self.decoder_blocks:
             x = block(x)
         x = self.decoder_norm(x)[:, self.buffer_size :]  # (B, L, W)
@@ -149,7 +163,8 @@ class MaskedAutoregressiveTransformer(nn.Module):
         sample (:func:`~lightning_ar.nn.masking.random_orders`)."""
         return random_orders(batch_size, self.seq_len, generator, device)
 
-    def forward(self, tokens: Tensor, mask: Tensor, labels: Tensor, drop: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, mask: Tensor, labels: Tensor, drop: Tensor | None = None, *,
+                num_masked: int | None = None) -> Tensor:
         """Conditions for every position.
 
         Args:
@@ -157,11 +172,20 @@ class MaskedAutoregressiveTransformer(nn.Module):
             mask: ``[B, L]`` bool, ``True`` at masked positions, the same count in every row.
             labels: ``[B]`` class indices in ``[0, num_classes)``; ``-1`` selects the null (unconditional) class.
             drop: optional ``[B]`` bool, rows whose label is replaced by the null class (CFG training).
+            num_masked: The masked count of every row when the caller knows it (no check, no device sync: the
+                shapes follow from it, so a compiled transformer sees static shapes); ``None``: read from ``mask``.
 
         Returns:
             ``[B, L, width]`` conditions ``z``.
         """
-        counts = mask.sum(dim=1)
-        if bool((counts != counts[0]).any()):
-            raise ValueError("every row of `mask` must mask the same number of tokens")
-        return self.decode(self.encode(tokens, mask, self.class_embedding(labels, drop)), mask)
+        if num_masked is None:
+            counts = mask.sum(dim=1)
+            if bool((counts != counts[0]).any()):
+                raise ValueError("every row of `mask` must mask the same number of tokens")
+            num_masked = int(counts[0]) if len(counts) else 0
+        return self.decode(self.encode(tokens, mask, self.class_embedding(labels, drop), num_masked), mask, num_masked)
+
+    def _kept(self, mask: Tensor, num_masked: int) -> Tensor:
+        """``[B, buf + L - num_masked]`` indices of the buffer and visible positions in ``[0, buf + L)``, ascending."""
+        hidden = torch.cat([mask.new_zeros(mask.shape[0], self.buffer_size), mask], dim=1)  # (B, buf+L)
+        return masked_positions(~hidden, hidden.shape[1] - num_masked)

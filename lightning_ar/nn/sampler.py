@@ -43,11 +43,13 @@ def cfg_at_step(cfg: float, schedule: CfgSchedule, num_masked_after: int, seq_le
     return 1.0 + (cfg - 1.0) * (seq_len - num_masked_after) / seq_len
 
 
-def _conditions(mar: MaskedAutoregressiveTransformer, tokens: Tensor, mask: Tensor, labels: Tensor, guided: bool):
+def _conditions(mar: MaskedAutoregressiveTransformer, tokens: Tensor, mask: Tensor, labels: Tensor, guided: bool,
+                num_masked: int):
     """Conditional ``[B, L, D]`` and null ``[B, L, D]`` (or ``None``) conditions in one batched pass."""
     if not guided:
-        return mar(tokens, mask, labels), None
-    z = mar(torch.cat([tokens, tokens]), torch.cat([mask, mask]), torch.cat([labels, torch.full_like(labels, -1)]))
+        return mar(tokens, mask, labels, num_masked=num_masked), None
+    z = mar(torch.cat([tokens, tokens]), torch.cat([mask, mask]), torch.cat([labels, torch.full_like(labels, -1)]),
+            num_masked=num_masked)
     return z.chunk(2)
 
 
@@ -88,7 +90,8 @@ def sample_tokens(
         trace.labels = trace._store(labels)
     schedule = cosine_schedule(seq_len, num_iter)
     for k in progress_bar(range(num_iter), desc="AR steps", disable=not run.progress, leave=False):
-        z, z_null = _conditions(mar, tokens, mask, labels, guided=cfg != 1.0)  # (B, L, D) each
+        masked = seq_len if k == 0 else schedule[k - 1]  # every row masks this many before step k
+        z, z_null = _conditions(mar, tokens, mask, labels, cfg != 1.0, masked)  # (B, L, D) each
         mask_next = mask_from_orders(orders, schedule[k])
         to_pred = mask & ~mask_next  # (B, L)
         n = int(to_pred[0].sum())

@@ -227,3 +227,23 @@ def test_reused_scheduler_keeps_no_state_between_samples(sampler: str) -> None:
     head.sample(z, options=thirteen, generator=torch.Generator().manual_seed(2))
     again = head.sample(z, options=seven, generator=torch.Generator().manual_seed(1))
     assert torch.equal(first, again)
+
+
+def test_masked_positions_select_what_boolean_indexing_selects() -> None:
+    from lightning_ar.nn.mar import masked_positions
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (0, 1, 5, 16):
+        mask = mask_from_orders(random_orders(6, 16, gen), n)  # (6, 16), n masked per row
+        x = torch.randn(6, 16, 3, generator=gen)
+        idx = masked_positions(mask, n)  # (6, n)
+        assert idx.shape == (6, n)
+        assert torch.equal(x.gather(1, idx[..., None].expand(-1, -1, 3)).reshape(-1, 3), x[mask])
+        assert torch.equal(masked_positions(~mask, 16 - n), (~mask).nonzero()[:, 1].view(6, 16 - n))
+
+
+def test_transformer_output_does_not_depend_on_being_told_the_count() -> None:
+    mar = MaskedAutoregressiveTransformer(4, 16, 10, SMALL).eval()
+    mask = mask_from_orders(random_orders(3, 16, torch.Generator().manual_seed(1)), 9)
+    tokens, labels = torch.randn(3, 16, 4), torch.tensor([1, 2, 3])
+    assert torch.equal(mar(tokens, mask, labels), mar(tokens, mask, labels, num_masked=9))
