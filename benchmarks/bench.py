@@ -1,6 +1,6 @@
 """``make bench``: this machine's speed figures for lightning-ar, measured in one process so they are comparable.
 
-    python benchmarks/bench.py [--out outputs/bench] [--digits-ckpt CKPT] [--quick]
+    python benchmarks/bench.py [--out outputs/bench] [--digits-ckpt CKPT] [--quick] [--no-compile | --only compiled]
 
 Prints one JSON document and writes it to ``<out>/bench-<UTC time>.json`` and ``<out>/latest.json``:
 
@@ -8,6 +8,9 @@ Prints one JSON document and writes it to ``<out>/bench-<UTC time>.json`` and ``
 - ``training.<config>.<precision>``: samples/s, tokens/s, model FLOPs per sample (``torch.utils.flop_counter``, forward
   and backward) and ``train_mfu`` = achieved FLOP/s / matmul ceiling of that precision, for ``digits`` (the demo
   config) and ``imagenet_small`` (256 tokens of dim 16, width 256, 4+4 blocks, head 3x512, batch 16, buffer 64);
+- ``compiled_training.<config>``: eager against ``compile: true`` (inductor, fp32) training steps with every token
+  masked in both (``mask_buckets: 1``: one graph), their ratio, the compile seconds and the relative loss difference
+  on one fixed batch (minutes of compilation on a CPU; ``--no-compile`` skips it, ``--only compiled`` runs only it);
 - ``sampling.<sampler>``: images/s and seconds per image of the ImageNet-shaped config at 64 AR steps with CFG;
 - ``refinement``: the share of digits sampling time spent in the ``flow`` and ``amortized`` refinement at their
   defaults (a trained generator with ``--digits-ckpt``, else a random one, recorded in ``generator``);
@@ -174,6 +177,27 @@ def training(name: str, precision: str, ceilings: dict[str, float], quick: bool)
     }
 
 
+def compiled_training(name: str, quick: bool, backend: str = "inductor") -> dict[str, Any]:
+    """Eager against ``compile: true`` training steps (fp32) on one config, every token masked (``mask_buckets: 1``)
+    in both, so one compiled graph serves every step; the first compiled step's seconds are the compile time."""
+    config, batch = CONFIGS[name]
+    steps = {}
+    for mode in ("eager", "compiled"):
+        model = make_generator(config, mask_buckets=1, compile=mode == "compiled",
+                               compile_options={"backend": backend, "fullgraph": True})
+        step, latents, labels = train_step_fn(model, batch, "fp32")
+        start = time.perf_counter()  # the first forward and backward (compiled: including compilation)
+        loss = model.diffusion_loss(latents, labels, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        first = time.perf_counter() - start
+        steps[mode] = (timed(step, 1.0 if quick else 6.0, warmup=1), first, loss.item())
+    (eager, _, loss_e), (comp, first, loss_c) = steps["eager"], steps["compiled"]
+    return {"backend": backend, "batch": batch, "eager_step_ms": round(eager * 1e3, 1),
+            "compiled_step_ms": round(comp * 1e3, 1), "speedup": round(eager / comp, 3),
+            "compile_s": round(first - comp, 1), "loss_rel_diff": abs(loss_c - loss_e) / abs(loss_e)}
+
+
 def sampling(quick: bool) -> dict[str, Any]:
     """Seconds per image of the ImageNet-shaped config at 64 AR steps, cfg 3 (linear), for each sampler."""
     model = make_generator(IMAGENET_SMALL, num_iter=64, cfg=3.0).eval()
@@ -242,11 +266,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in CONFIGS:
         t = doc["training"][name]
         t["bf16_vs_fp32_throughput"] = round(t["bf16-mixed"]["samples_per_s"] / t["fp32"]["samples_per_s"], 3)
+    if not args.no_compile:
+        doc["compiled_training"] = {name: compiled_training(name, args.quick) for name in CONFIGS}
     doc["sampling"] = sampling(args.quick)
     doc["refinement"] = refinement(args.digits_ckpt, args.quick)
     if args.digits_ckpt:
         doc["sampler_quality"] = sampler_quality(args.digits_ckpt, seeds=1 if args.quick else 3)
     return doc
+
+
+def run_compiled(args: argparse.Namespace) -> dict[str, Any]:
+    """Only :func:`compiled_training` for each config (``--only compiled``)."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
+            "compiled_training": {name: compiled_training(name, args.quick) for name in CONFIGS}}
 
 
 def sampler_quality(ckpt: str, seeds: int) -> dict[str, Any]:
@@ -274,10 +307,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--digits-ckpt", default=None, help="trained digits MARGenerator checkpoint (refinement)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="short timings and small batches (smoke test)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled training path (minutes of "
+                        "compilation on a CPU)")
+    parser.add_argument("--only", choices=["compiled"], default=None, help="measure only this part")
     args = parser.parse_args(argv)
     if args.digits_ckpt and not Path(args.digits_ckpt).is_file():
         parser.error(f"--digits-ckpt {args.digits_ckpt} does not exist")
-    doc = run(args)
+    doc = run_compiled(args) if args.only == "compiled" else run(args)
     path = write(doc, Path(args.out))
     print(json.dumps(doc, indent=2))
     print(f"wrote {path}", flush=True)

@@ -46,6 +46,14 @@ def test_training_figures_are_consistent() -> None:
     assert row["train_mfu"] == pytest.approx(row["achieved_gflops"] / 100.0, rel=0.02)
 
 
+def test_compiled_training_figures_compare_the_same_loss() -> None:
+    """The compiled path of ``make bench`` (here with dynamo's eager backend: capture, no code generation)."""
+    torch._dynamo.reset()
+    row = bench.compiled_training("digits", quick=True, backend="eager")
+    assert row["speedup"] == pytest.approx(row["eager_step_ms"] / row["compiled_step_ms"], rel=0.02)
+    assert row["loss_rel_diff"] < 1e-6 and row["compile_s"] > -1.0
+
+
 def test_sampler_verdict_uses_both_quality_bounds() -> None:
     rows = {
         "ddpm-100": {"sec_per_image": 0.03, "fid_pooled": 10.0, "cond_acc_pooled": 0.98},

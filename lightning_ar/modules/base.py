@@ -9,6 +9,7 @@ A generator subclass builds its network in ``__init__`` after ``super().__init__
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -61,6 +62,12 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
             (MAR: 1e-4). ``None``: the optimizer's own lr.
         warmup_epochs: Linear warmup from 0 over this many epochs (steps per epoch from the Trainer: dataset length,
             batch size, world size), then constant (MAR: 100); excludes ``lr_scheduler``. ``None``: no warmup.
+        compile: Train through ``torch.compile``: the pure part of the loss (transformer, head and loss arithmetic,
+            after the step's random draws) is compiled once per shape; MAR's masked count takes at most
+            ``mask_buckets`` values, so no batch recompiles after those. Sampling stays eager.
+        compile_options: Keyword arguments of ``torch.compile`` (``backend``, ``mode``, ...) over our default
+            ``dynamic: false`` (one specialised graph per shape, as CUDA graphs need); ``None``: torch's other defaults
+            (inductor).
         **sampling: The default sampling options, each a flat option of its own (``--model.cfg``, ...): the fields of
             :class:`~lightning_ar.nn.SamplingOptions` (``num_iter``, ``cfg``, ``cfg_schedule``, ``temperature``,
             ``num_sampling_steps``, ``sampler``; types, choices and help come from there). Keys Lightning stores
@@ -91,6 +98,8 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
         seed: int = 0,
         base_lr: float | None = None,
         warmup_epochs: float | None = None,
+        compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
         **sampling: Any,
     ) -> None:
         lightning_keys = [k for k in sampling if k.startswith("_")]  # Lightning's own records (``_class_path``)
@@ -128,6 +137,9 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
         _require(hp.diffusion_batch_mul >= 1, f"diffusion_batch_mul must be >= 1, got {hp.diffusion_batch_mul}")
         _require(hp.timestep_spacing in TIMESTEP_SPACINGS,
                  f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {hp.timestep_spacing!r}")
+        _require(isinstance(hp.get("compile", False), bool), f"compile must be true or false, got {hp.get('compile')!r}")
+        _require(hp.get("compile_options") is None or isinstance(hp.compile_options, dict),
+                 f"compile_options must be a mapping of torch.compile arguments, got {hp.get('compile_options')!r}")
         try:
             self.default_options.check_for(self.seq_len, hp.num_train_timesteps)
         except ValueError as err:
@@ -146,6 +158,21 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
         return (self.default_options if options is None else options).replace(**overrides)
 
     # ----------------------------------------------------------------------------------------------- training
+    def compiled(self, name: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        """``fn``, or with ``model.compile`` its ``torch.compile`` (built once per ``name``, with ``dynamic=False``
+        and ``model.compile_options``). The compiled callables are not state: pickling or copying the module drops them."""
+        if not self.hparams.get("compile", False):
+            return fn
+        cache = self.__dict__.setdefault("_compiled", {})
+        if name not in cache:
+            cache[name] = torch.compile(fn, **{"dynamic": False, **(self.hparams.get("compile_options") or {})})
+        return cache[name]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_compiled", None)
+        return state
+
     def diffusion_loss(self, latents: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The generator's training loss on a batch (what ``training_step`` minimises).
 

@@ -79,11 +79,28 @@ class CausalARGenerator(DiffusionGenerator):
         """Teacher-forced diffusion loss over all tokens of a batch (see :meth:`DiffusionGenerator.diffusion_loss`)."""
         self.check_batch_latents(latents)
         tokens = patchify(latents, self.hparams.patch_size)[:, self.mar.order]  # (B, L, Dt) generation order
-        z = self.mar.conditions_ordered(tokens, labels, self.mar.label_drop(labels, generator))  # (B, L, W)
+        drop, mul = self.mar.label_drop(labels, generator), self.hparams.diffusion_batch_mul
+        t, noise = self.head.draw_noise(tokens.shape[0] * self.seq_len * mul, tokens.device, tokens.dtype, generator)
+        return self.compiled("ordered_loss", self.ordered_loss)(tokens, labels, drop, t, noise)
+
+    def ordered_loss(self, tokens: Tensor, labels: Tensor, drop: Tensor | None, t: Tensor, noise: Tensor) -> Tensor:
+        """The loss after its random draws (what ``compile`` compiles).
+
+        Args:
+            tokens: ``[B, L, Dt]`` clean tokens in generation order.
+            labels: ``[B]`` class labels.
+            drop: ``[B]`` bool rows whose label is dropped, or ``None``.
+            t: ``[B * L * diffusion_batch_mul]`` timesteps.
+            noise: ``[B * L * diffusion_batch_mul, Dt]`` noise.
+
+        Returns:
+            Scalar mean loss over all tokens and their repeats.
+        """
+        z = self.mar.conditions_ordered(tokens, labels, drop)  # (B, L, W)
         mul = self.hparams.diffusion_batch_mul
         target = tokens.reshape(-1, self.token_dim).repeat(mul, 1)  # (B*L*mul, Dt)
         cond = z.reshape(-1, z.shape[-1]).repeat(mul, 1)  # (B*L*mul, W)
-        return self.head(target, cond, generator).mean()
+        return self.head.loss_given_noise(target, cond, t, noise).mean()
 
     def no_decay_modules(self) -> tuple[torch.nn.Module, ...]:
         return (self.head,)

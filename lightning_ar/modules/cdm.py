@@ -86,8 +86,25 @@ class ConditionalDiffusion(DiffusionGenerator):
         self.check_batch_latents(latents)
         mul = self.hparams.diffusion_batch_mul
         tokens = patchify(latents, self.hparams.patch_size).repeat(mul, 1, 1)  # (B*mul, L, Dt)
-        z = self.static_conditions(labels, self.classes.label_drop(labels, generator)).repeat(mul, 1, 1)
-        return self.head.sequence_loss(tokens, z, generator).mean()
+        drop = self.classes.label_drop(labels, generator)
+        t, noise = self.head.draw_sequence_noise(tokens.shape, tokens.device, tokens.dtype, generator)
+        return self.compiled("static_loss", self.static_loss)(tokens, labels, drop, t, noise)
+
+    def static_loss(self, tokens: Tensor, labels: Tensor, drop: Tensor | None, t: Tensor, noise: Tensor) -> Tensor:
+        """The loss after its random draws (what ``compile`` compiles).
+
+        Args:
+            tokens: ``[B * mul, L, Dt]`` clean tokens, the batch repeated ``diffusion_batch_mul`` times.
+            labels: ``[B]`` class labels.
+            drop: ``[B]`` bool rows whose label is dropped, or ``None``.
+            t: ``[B * mul]`` timesteps, one per image.
+            noise: ``[B * mul * L, Dt]`` noise.
+
+        Returns:
+            Scalar mean loss.
+        """
+        z = self.static_conditions(labels, drop).repeat(self.hparams.diffusion_batch_mul, 1, 1)  # (B*mul, L, W)
+        return self.head.sequence_loss_given_noise(tokens, z, t, noise).mean()
 
     def no_decay_modules(self) -> tuple[torch.nn.Module, ...]:
         return (self.head.net.head,)

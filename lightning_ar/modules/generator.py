@@ -11,7 +11,13 @@ from lightning_ar.modules.base import DiffusionGenerator
 from lightning_ar.modules.steps import NETWORK_OPTIONS
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
 from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, masked_positions, patchify
-from lightning_ar.nn.masking import mask_from_orders, num_masked_for_training, random_orders, sample_mask_ratio
+from lightning_ar.nn.masking import (
+    bucket_masked_count,
+    mask_from_orders,
+    num_masked_for_training,
+    random_orders,
+    sample_mask_ratio,
+)
 from lightning_ar.nn.sampler import sample_tokens
 from lightning_ar.nn.sampling_options import SamplingOptions
 from lightning_ar.nn.sampling_run import SamplingRun
@@ -31,10 +37,15 @@ class MARGenerator(DiffusionGenerator):
         mask_ratio_min: Lower cut of the truncated-normal training mask ratio (MAR: 0.7; 0 lets training see
             contexts up to ``L - 1`` tokens, as the last sampling steps do: at least one token is always masked).
         mask_ratio_std: Standard deviation of that normal (mean 1.0; MAR: 0.25).
+        mask_buckets: Distinct masked counts training uses: each batch's count moves to the nearest of this many
+            evenly spaced counts between the fewest the ratio allows and ``L`` (a compiled step then sees that many
+            shapes). ``None``: every count, except with ``compile`` at most :attr:`COMPILE_BUCKETS` (torch's default
+            recompile limit is 8).
         **kwargs: The shared options of :class:`~lightning_ar.modules.base.DiffusionGenerator`.
     """
 
     ARCHITECTURE = NETWORK_OPTIONS + ("buffer_size",)  # from the checkpoint, never overridden
+    COMPILE_BUCKETS = 8
 
     def __init__(
         self,
@@ -42,6 +53,7 @@ class MARGenerator(DiffusionGenerator):
         buffer_size: int = 4,
         mask_ratio_min: float = 0.7,
         mask_ratio_std: float = 0.25,
+        mask_buckets: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -62,6 +74,8 @@ class MARGenerator(DiffusionGenerator):
             raise ValueError(f"model.mlp_ratio must be > 0, got {hp.mlp_ratio}")
         if not 0.0 <= hp.mask_ratio_min <= 1.0:
             raise ValueError(f"model.mask_ratio_min must be in [0, 1], got {hp.mask_ratio_min}")
+        if hp.get("mask_buckets") is not None and int(hp.mask_buckets) < 1:
+            raise ValueError(f"model.mask_buckets must be >= 1 or null, got {hp.mask_buckets}")
         if hp.num_iter is None:
             raise ValueError("model.num_iter must be an integer in [1, L] (the number of AR steps), got None")
 
@@ -71,17 +85,45 @@ class MARGenerator(DiffusionGenerator):
         (see :meth:`DiffusionGenerator.diffusion_loss`)."""
         self.check_batch_latents(latents)
         tokens = patchify(latents, self.hparams.patch_size)  # (B, L, Dt)
-        ratio = sample_mask_ratio(generator, latents.device, low=self.hparams.mask_ratio_min,
-                                  std=self.hparams.mask_ratio_std)
-        orders = random_orders(tokens.shape[0], self.seq_len, generator, latents.device)
-        n = num_masked_for_training(self.seq_len, ratio)
-        mask = mask_from_orders(orders, n)  # (B, L)
-        z = self.mar(tokens, mask, labels, drop=self.mar.label_drop(labels, generator), num_masked=n)  # (B, L, W)
-        idx, mul = masked_positions(mask, n), self.hparams.diffusion_batch_mul  # (B, n): what tokens[mask] selects
+        hp, b = self.hparams, tokens.shape[0]
+        n = self.training_masked_count(sample_mask_ratio(generator, latents.device, low=hp.mask_ratio_min,
+                                                         std=hp.mask_ratio_std))
+        mask = mask_from_orders(random_orders(b, self.seq_len, generator, latents.device), n)  # (B, L)
+        drop = self.mar.label_drop(labels, generator)
+        t, noise = self.head.draw_noise(b * n * hp.diffusion_batch_mul, tokens.device, tokens.dtype, generator)
+        return self.compiled("masked_loss", self.masked_loss)(tokens, mask, labels, drop, t, noise, n)
+
+    def training_masked_count(self, ratio: float) -> int:
+        """Masked tokens per row for a training mask ratio (``ceil(L * ratio)``, bucketed by ``mask_buckets``)."""
+        hp = self.hparams
+        buckets = hp.get("mask_buckets")
+        if buckets is None and hp.get("compile", False):
+            buckets = self.COMPILE_BUCKETS
+        fewest = num_masked_for_training(self.seq_len, hp.mask_ratio_min)
+        return bucket_masked_count(num_masked_for_training(self.seq_len, ratio), self.seq_len, fewest, buckets)
+
+    def masked_loss(self, tokens: Tensor, mask: Tensor, labels: Tensor, drop: Tensor | None, t: Tensor,
+                    noise: Tensor, num_masked: int) -> Tensor:
+        """The loss after its random draws (what ``compile`` compiles: static shapes for a given ``num_masked``).
+
+        Args:
+            tokens: ``[B, L, Dt]`` clean tokens.
+            mask: ``[B, L]`` bool, ``num_masked`` ``True`` per row.
+            labels: ``[B]`` class labels.
+            drop: ``[B]`` bool rows whose label is dropped, or ``None``.
+            t: ``[B * num_masked * diffusion_batch_mul]`` timesteps.
+            noise: ``[B * num_masked * diffusion_batch_mul, Dt]`` noise.
+            num_masked: Masked tokens per row.
+
+        Returns:
+            Scalar mean loss over the masked tokens and their repeats.
+        """
+        z = self.mar(tokens, mask, labels, drop=drop, num_masked=num_masked)  # (B, L, W)
+        idx, mul = masked_positions(mask, num_masked), self.hparams.diffusion_batch_mul  # (B, n)
         target = tokens.gather(1, idx[..., None].expand(-1, -1, tokens.shape[-1])).reshape(-1, tokens.shape[-1])
         cond = z.gather(1, idx[..., None].expand(-1, -1, z.shape[-1])).reshape(-1, z.shape[-1])
         target, cond = target.repeat(mul, 1), cond.repeat(mul, 1)  # (B*n*mul, Dt), (B*n*mul, W)
-        return self.head(target, cond, generator).mean()
+        return self.head.loss_given_noise(target, cond, t, noise).mean()
 
     def no_decay_modules(self) -> tuple[torch.nn.Module, ...]:
         return (self.head,)

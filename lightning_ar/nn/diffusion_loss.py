@@ -145,8 +145,20 @@ class DiffusionLoss(nn.Module):
         Returns:
             ``[N]`` loss per token.
         """
-        t = torch.randint(0, self.num_train_timesteps, (target.shape[0],), device=target.device, generator=generator)
-        noise = torch.randn(target.shape, device=target.device, dtype=target.dtype, generator=generator)
+        t, noise = self.draw_noise(target.shape[0], target.device, target.dtype, generator)
+        return self.loss_given_noise(target, z, t, noise)
+
+    def draw_noise(self, n: int, device: torch.device, dtype: torch.dtype,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """The training randomness of :meth:`forward` for ``n`` tokens: timesteps ``[n]`` and noise ``[n, token_dim]``
+        (drawn in this order from ``generator``), so the rest of the loss is a pure function a compiler can trace."""
+        t = torch.randint(0, self.num_train_timesteps, (n,), device=device, generator=generator)
+        noise = torch.randn((n, self.token_dim), device=device, dtype=dtype, generator=generator)
+        return t, noise
+
+    def loss_given_noise(self, target: Tensor, z: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Per-token loss ``[N]`` of ``target`` ``[N, token_dim]`` under conditions ``z`` ``[N, cond_dim]`` at the
+        given timesteps ``t`` ``[N]`` and ``noise`` ``[N, token_dim]`` (:meth:`forward` without its draws)."""
         ab = self.alphas_cumprod[t][:, None]  # (N, 1)
         x_t = ab.sqrt() * target + (1.0 - ab).sqrt() * noise  # (N, D)
         out = self.net(x_t, t, z).float()  # (N, 2D)

@@ -204,11 +204,24 @@ class SequenceDiffusion(DiffusionLoss):
         Returns:
             ``[B]`` loss per image (mean over its tokens).
         """
+        t, noise = self.draw_sequence_noise(tokens.shape, tokens.device, tokens.dtype, generator)
+        return self.sequence_loss_given_noise(tokens, z, t, noise)
+
+    def draw_sequence_noise(self, shape: torch.Size | tuple[int, int, int], device: torch.device, dtype: torch.dtype,
+                            generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """The randomness of :meth:`sequence_loss` for tokens of ``shape`` ``(B, L, token_dim)``: one timestep per
+        image ``[B]`` and noise ``[B*L, token_dim]``, drawn in this order."""
+        b, seq_len, dim = shape
+        t = torch.randint(0, self.num_train_timesteps, (b,), device=device, generator=generator)
+        noise = torch.randn((b * seq_len, dim), device=device, dtype=dtype, generator=generator)
+        return t, noise
+
+    def sequence_loss_given_noise(self, tokens: Tensor, z: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Per-image loss ``[B]`` of ``tokens`` ``[B, L, token_dim]`` under ``z`` ``[B, L, width]`` at timesteps ``t``
+        ``[B]`` and ``noise`` ``[B*L, token_dim]`` (:meth:`sequence_loss` without its draws)."""
         b, seq_len, dim = tokens.shape
-        t = torch.randint(0, self.num_train_timesteps, (b,), device=tokens.device, generator=generator)
         t = t.repeat_interleave(seq_len)  # (B*L,)
         x0 = tokens.reshape(b * seq_len, dim)  # (B*L, Dt)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         ab = self.alphas_cumprod[t][:, None]  # (B*L, 1)
         x_t = ab.sqrt() * x0 + (1.0 - ab).sqrt() * noise
         out = self.net(x_t, t, z.reshape(b * seq_len, -1)).float()  # (B*L, 2Dt)

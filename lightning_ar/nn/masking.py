@@ -87,3 +87,25 @@ def cosine_schedule(seq_len: int, num_iter: int) -> list[int]:
             remaining = max(num_iter - 1 - k, min(remaining - 1, target))
         schedule.append(remaining)
     return schedule
+
+
+def bucket_masked_count(num_masked: int, seq_len: int, fewest: int, buckets: int | None) -> int:
+    """``num_masked`` moved to the nearest of ``buckets`` evenly spaced counts in ``[fewest, seq_len]``.
+
+    Training with a fixed set of masked counts gives a compiled step a fixed set of shapes (one graph each, no
+    recompiles after them). ``buckets=None``, or at least as many buckets as counts in the range: unchanged.
+
+    Args:
+        num_masked: The count drawn for this batch, in ``[fewest, seq_len]``.
+        seq_len: Tokens per sequence ``L``.
+        fewest: The smallest count training draws (:func:`num_masked_for_training` at the lowest ratio).
+        buckets: How many distinct counts to allow (``>= 1``).
+    """
+    if buckets is None or buckets >= seq_len - fewest + 1:
+        return num_masked
+    if buckets < 1:
+        raise ValueError(f"the number of mask-count buckets must be >= 1, got {buckets}")
+    if buckets == 1:
+        return seq_len
+    levels = [round(fewest + i * (seq_len - fewest) / (buckets - 1)) for i in range(buckets)]
+    return min(levels, key=lambda level: (abs(level - num_masked), -level))
