@@ -7,7 +7,8 @@ The reference is imported from the user's own checkout at run time (none of its 
 hard-coded ``.cuda()`` calls are made no-ops on CPU for the duration of its calls. Both models get the same
 architecture (checked: parameter counts printed side by side), the same batch and fp32; each round times training
 steps (forward, backward, AdamW step) and one guided DDPM-100 generation of each model, alternating which goes first.
-Ratios are reference time / our time (> 1: we are faster), medians over the rounds. Never run in CI.
+Ratios are reference time / our time (> 1: we are faster), medians over the rounds. ``--compiled`` adds our
+``compile: true`` training beside them (``compiled_train_ratio``). Never run in CI.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from lightning_ar import MARGenerator
+from lightning_ar.nn.masking import sample_mask_ratio
 
 # name -> (latent C, H, W, patch, width, depth, heads, head width, head depth, batch, AR steps for sampling, samples)
 CONFIGS: dict[str, dict[str, int]] = {
@@ -61,12 +63,26 @@ def reference_model(ref_dir: Path, cfg: dict[str, int]) -> torch.nn.Module:
                num_sampling_steps=str(SAMPLING_STEPS), diffusion_batch_mul=4)
 
 
-def our_model(cfg: dict[str, int]) -> MARGenerator:
-    """Our ``MARGenerator`` with the same architecture."""
+def our_model(cfg: dict[str, int], **options: Any) -> MARGenerator:
+    """Our ``MARGenerator`` with the same architecture (``options``: e.g. ``compile=True``)."""
     return MARGenerator((cfg["c"], cfg["h"], cfg["h"]), NUM_CLASSES, 1.0, patch_size=cfg["patch"], width=cfg["width"],
                         encoder_depth=cfg["depth"], decoder_depth=cfg["depth"], num_heads=cfg["heads"],
                         buffer_size=BUFFER, head_width=cfg["head_width"], head_depth=cfg["head_depth"],
-                        num_sampling_steps=SAMPLING_STEPS, timestep_spacing="linspace")
+                        num_sampling_steps=SAMPLING_STEPS, timestep_spacing="linspace", **options)
+
+
+def compile_every_count(model: MARGenerator, latents: torch.Tensor, labels: torch.Tensor) -> float:
+    """Seconds to compile ``model``'s training step for every masked count it can draw (one step per count)."""
+    counts: dict[int, int] = {}
+    for seed in range(2000):
+        ratio = sample_mask_ratio(torch.Generator().manual_seed(seed), low=model.hparams.mask_ratio_min,
+                                  std=model.hparams.mask_ratio_std)
+        counts.setdefault(model.training_masked_count(ratio), seed)
+    start = time.perf_counter()
+    for seed in counts.values():
+        model.diffusion_loss(latents, labels, torch.Generator().manual_seed(seed)).backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
 
 
 def _seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -83,9 +99,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: C
 
 
 def compare(ref_dir: Path, name: str, cfg: dict[str, int], rounds: int, steps: int,
-            precision: str = "fp32") -> dict[str, Any]:
+            precision: str = "fp32", compiled: bool = False) -> dict[str, Any]:
     """Median seconds per training step and per generation of both models over ``rounds`` alternating rounds;
-    ``bf16-mixed`` runs all four under CPU autocast to bfloat16 (weights and optimizer stay float32)."""
+    ``bf16-mixed`` runs all under CPU autocast to bfloat16 (weights and optimizer stay float32). Our training step
+    ``j`` draws its mask ratio, orders and noise from seed ``j`` (the ratio varies from step to step as the
+    reference's does). ``compiled``: also our ``compile: true`` model (compiled for every masked count first; same
+    seeds), training only."""
     def autocast() -> Any:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
@@ -94,16 +113,20 @@ def compare(ref_dir: Path, name: str, cfg: dict[str, int], rounds: int, steps: i
     latents = torch.randn(cfg["batch"], cfg["c"], cfg["h"], cfg["h"])
     labels = torch.arange(cfg["batch"]) % NUM_CLASSES
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
     sample_labels = torch.arange(cfg["samples"]) % NUM_CLASSES
 
     def ref_train() -> None:
         with cuda_is_cpu(), autocast():
             train_step(ref, opt_ref, lambda: ref(latents, labels))
 
-    def our_train() -> None:
-        with autocast():
-            train_step(ours, opt_ours, lambda: ours.diffusion_loss(latents, labels, torch.Generator().manual_seed(0)))
+    def trainer(model: MARGenerator) -> Callable[[], None]:
+        optimizer, seeds = torch.optim.AdamW(model.parameters(), lr=1e-4), iter(range(10**9))
+
+        def step() -> None:
+            with autocast():
+                gen = torch.Generator().manual_seed(next(seeds))
+                train_step(model, optimizer, lambda: model.diffusion_loss(latents, labels, gen))
+        return step
 
     def ref_sample() -> None:
         with cuda_is_cpu(), torch.no_grad(), autocast():
@@ -115,20 +138,34 @@ def compare(ref_dir: Path, name: str, cfg: dict[str, int], rounds: int, steps: i
             ours.generate(sample_labels, num_iter=cfg["num_iter"], cfg=CFG, progress=False,
                           generator=torch.Generator().manual_seed(0))
 
-    times: dict[str, list[float]] = {k: [] for k in ("ref_train", "our_train", "ref_sample", "our_sample")}
-    ref_train(), our_train()  # warm-up
+    players = [("ref", ref_train, ref_sample), ("our", trainer(ours), our_sample)]
+    extra: dict[str, Any] = {}
+    if compiled:
+        torch._dynamo.reset()  # torch's recompile limit counts the graphs of every model of a function together
+        fast = our_model(cfg, compile=True).train()
+        fast.load_state_dict(ours.state_dict())
+        with autocast():
+            extra["compile_seconds"] = compile_every_count(fast, latents, labels)
+        players.append(("compiled", trainer(fast), None))
+    times: dict[str, list[float]] = {f"{who}_{what}": [] for who, _, sample in players
+                                     for what in ("train", "sample") if what == "train" or sample is not None}
+    for _, train, _ in players:
+        train()  # warm-up
     for r in range(rounds):
-        pairs = [("ref", ref_train, ref_sample), ("our", our_train, our_sample)]
-        for who, train, sample in pairs if r % 2 == 0 else pairs[::-1]:
+        for who, train, sample in players if r % 2 == 0 else players[::-1]:
             times[f"{who}_train"].append(_seconds(train, steps))
-            times[f"{who}_sample"].append(_seconds(sample, 1))
+            if sample is not None:
+                times[f"{who}_sample"].append(_seconds(sample, 1))
     med = {k: statistics.median(v) for k, v in times.items()}
+    if compiled:
+        extra["compiled_train_ratio"] = med["ref_train"] / med["compiled_train"]
     return {
         "config": name, **cfg, "cfg": CFG, "sampling_steps": SAMPLING_STEPS, "threads": torch.get_num_threads(),
         "params_reference": sum(p.numel() for p in ref.parameters()),
         "params_ours": sum(p.numel() for p in ours.parameters()),
         "seconds": med, "rounds": times,
         "train_ratio": med["ref_train"] / med["our_train"], "sample_ratio": med["ref_sample"] / med["our_sample"],
+        **extra,
     }
 
 
@@ -141,11 +178,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--precision", choices=("fp32", "bf16-mixed"), default="fp32",
                         help="bf16-mixed: CPU autocast to bfloat16 for both models")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time our compile: true training (minutes of compilation per config)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     opts = parser.parse_args(argv)
     if opts.rounds < 1 or opts.steps < 1:
         parser.error("--rounds and --steps must be >= 1")
-    results = {"results": [compare(opts.ref_dir.resolve(), n, CONFIGS[n], opts.rounds, opts.steps, opts.precision)
+    results = {"results": [compare(opts.ref_dir.resolve(), n, CONFIGS[n], opts.rounds, opts.steps, opts.precision,
+                                   opts.compiled)
                            for n in opts.configs],
                "torch": torch.__version__, "precision": opts.precision, "device": "cpu"}
     text = json.dumps(results, indent=2)

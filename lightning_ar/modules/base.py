@@ -64,7 +64,9 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
             batch size, world size), then constant (MAR: 100); excludes ``lr_scheduler``. ``None``: no warmup.
         compile: Train through ``torch.compile``: the pure part of the loss (transformer, head and loss arithmetic,
             after the step's random draws) is compiled once per shape; MAR's masked count takes at most
-            ``mask_buckets`` values, so no batch recompiles after those. Sampling stays eager.
+            ``mask_buckets`` values, so no batch recompiles after those. Sampling stays eager. Torch keeps the graphs
+            per function: several compiled models in one process share its recompile limit (8 graphs); call
+            ``torch._dynamo.reset()`` between them.
         compile_options: Keyword arguments of ``torch.compile`` (``backend``, ``mode``, ...) over our default
             ``dynamic: false`` (one specialised graph per shape, as CUDA graphs need); ``None``: torch's other defaults
             (inductor).
