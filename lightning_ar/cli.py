@@ -117,6 +117,19 @@ class LightningARCLI(LightningCLI):
         init_args = model.get("init_args") if isinstance(model, Namespace) else None
         return dict(vars(init_args)) if isinstance(init_args, Namespace) else {}
 
+    def instantiate_classes(self) -> None:
+        """Lightning's step, with an option check's error (``model.<name> ...``, raised inside a constructor and
+        wrapped by jsonargparse in its own) re-raised as the :class:`UsageError` it names: no chained traceback."""
+        try:
+            super().instantiate_classes()
+        except UsageError:
+            raise
+        except (ValueError, TypeError) as err:
+            named = named_option_error(err)
+            if named is None:
+                raise
+            raise UsageError(named) from None
+
     def after_instantiate_classes(self) -> None:
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
@@ -127,6 +140,22 @@ class LightningARCLI(LightningCLI):
             resume_last(self.trainer)
 
     before_fit = before_validate = before_test = before_predict = _resume
+
+
+OPTION_GROUPS = ("model.", "data.", "trainer.")
+
+
+def named_option_error(err: BaseException) -> str | None:
+    """The message of the first exception in ``err``'s chain (itself, then its causes) that names an option
+    (``model.<name> ...``, ``data.<name> ...``); ``None`` when none does."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if str(current).startswith(OPTION_GROUPS):
+            return str(current)
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningARCLI:

@@ -66,6 +66,19 @@ def test_inconsistent_values_name_the_option(args: tuple[str, ...], message: str
         _instantiate(*args)
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (("--model.init_args.mask_buckets", "0"), "model.mask_buckets must be >= 1 or null, got 0"),
+    (("--model.init_args.dropout", "1.5"), r"model.dropout must be in [0, 1), got 1.5"),
+])
+def test_the_command_prints_an_option_check_without_a_traceback(args: tuple[str, ...], message: str,
+                                                                capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", DIGITS, "--config", DEBUG, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"lightning-ar: error: {message}" in err and "Traceback" not in err and "Namespace(" not in err
+
+
 @pytest.mark.parametrize(("args", "named"), [
     (("--model.init_args.width", "wide"), "width"),
     (("--trainer.max_steps", "1.5"), "max_steps"),
