@@ -71,15 +71,20 @@ def our_model(cfg: dict[str, int], **options: Any) -> MARGenerator:
                         num_sampling_steps=SAMPLING_STEPS, timestep_spacing="linspace", **options)
 
 
-def compile_every_count(model: MARGenerator, latents: torch.Tensor, labels: torch.Tensor) -> float:
-    """Seconds to compile ``model``'s training step for every masked count it can draw (one step per count)."""
+def seeds_of_every_count(model: MARGenerator, device: str = "cpu") -> list[int]:
+    """One seed per masked count ``model``'s training draws: its step with that seed uses that count."""
     counts: dict[int, int] = {}
     for seed in range(2000):
-        ratio = sample_mask_ratio(torch.Generator().manual_seed(seed), low=model.hparams.mask_ratio_min,
+        ratio = sample_mask_ratio(torch.Generator(device).manual_seed(seed), device, low=model.hparams.mask_ratio_min,
                                   std=model.hparams.mask_ratio_std)
         counts.setdefault(model.training_masked_count(ratio), seed)
+    return list(counts.values())
+
+
+def compile_every_count(model: MARGenerator, latents: torch.Tensor, labels: torch.Tensor) -> float:
+    """Seconds to compile ``model``'s training step for every masked count it can draw (one step per count)."""
     start = time.perf_counter()
-    for seed in counts.values():
+    for seed in seeds_of_every_count(model):
         model.diffusion_loss(latents, labels, torch.Generator().manual_seed(seed)).backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start

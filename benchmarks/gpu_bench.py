@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from compare_reference import seeds_of_every_count  # benchmarks/ is on sys.path when this script runs
 from torch.utils.flop_counter import FlopCounterMode
 
 MAR_B = dict(latent_shape=(16, 16, 16), num_classes=1000, latent_scale=0.2325, patch_size=1, width=768,
@@ -60,7 +61,7 @@ def training(batch: int, peak_tflops: float, compile_model: bool) -> dict[str, A
     start = time.perf_counter()
     if compile_model:
         torch._dynamo.reset()  # the recompile limit (8) counts the graphs of every model of a function together
-        for seed in seeds_of_every_count(model):
+        for seed in seeds_of_every_count(model, "cuda"):
             step(torch.Generator("cuda").manual_seed(seed))
     compile_seconds = time.perf_counter() - start
     torch.cuda.reset_peak_memory_stats()
@@ -75,18 +76,6 @@ def training(batch: int, peak_tflops: float, compile_model: bool) -> dict[str, A
             "samples_per_s": round(batch / seconds, 1), "tflops_per_sample": round(flops / batch / 1e12, 4),
             "achieved_tflops": round(flops / seconds / 1e12, 1), "mfu": round(flops / seconds / 1e12 / peak_tflops, 3),
             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-
-
-def seeds_of_every_count(model) -> list[int]:
-    """One seed per masked count the model's training draws (its step with that seed uses that count)."""
-    from lightning_ar.nn.masking import sample_mask_ratio
-
-    counts: dict[int, int] = {}
-    for seed in range(2000):
-        ratio = sample_mask_ratio(torch.Generator("cuda").manual_seed(seed), "cuda", low=model.hparams.mask_ratio_min,
-                                  std=model.hparams.mask_ratio_std)
-        counts.setdefault(model.training_masked_count(ratio), seed)
-    return list(counts.values())
 
 
 @torch.no_grad()

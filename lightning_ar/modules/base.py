@@ -139,9 +139,9 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
         _require(hp.diffusion_batch_mul >= 1, f"diffusion_batch_mul must be >= 1, got {hp.diffusion_batch_mul}")
         _require(hp.timestep_spacing in TIMESTEP_SPACINGS,
                  f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {hp.timestep_spacing!r}")
-        _require(isinstance(hp.get("compile", False), bool), f"compile must be true or false, got {hp.get('compile')!r}")
-        _require(hp.get("compile_options") is None or isinstance(hp.compile_options, dict),
-                 f"compile_options must be a mapping of torch.compile arguments, got {hp.get('compile_options')!r}")
+        _require(isinstance(hp.compile, bool), f"compile must be true or false, got {hp.compile!r}")
+        _require(hp.compile_options is None or isinstance(hp.compile_options, dict),
+                 f"compile_options must be a mapping of torch.compile arguments, got {hp.compile_options!r}")
         try:
             self.default_options.check_for(self.seq_len, hp.num_train_timesteps)
         except ValueError as err:
@@ -162,12 +162,13 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
     # ----------------------------------------------------------------------------------------------- training
     def compiled(self, name: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         """``fn``, or with ``model.compile`` its ``torch.compile`` (built once per ``name``, with ``dynamic=False``
-        and ``model.compile_options``). The compiled callables are not state: pickling or copying the module drops them."""
-        if not self.hparams.get("compile", False):
+        and ``model.compile_options``). The compiled callables are not state: pickling or copying the module drops
+        them."""
+        if not self.hparams.compile:
             return fn
         cache = self.__dict__.setdefault("_compiled", {})
         if name not in cache:
-            cache[name] = torch.compile(fn, **{"dynamic": False, **(self.hparams.get("compile_options") or {})})
+            cache[name] = torch.compile(fn, **{"dynamic": False, **(self.hparams.compile_options or {})})
         return cache[name]
 
     def __getstate__(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from torch import Tensor
 from lightning_ar.modules.base import DiffusionGenerator
 from lightning_ar.modules.steps import NETWORK_OPTIONS
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
-from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, masked_positions, patchify
+from lightning_ar.nn.mar import MaskedAutoregressiveTransformer, gather_rows, masked_positions, patchify
 from lightning_ar.nn.masking import (
     bucket_masked_count,
     mask_from_orders,
@@ -74,7 +74,7 @@ class MARGenerator(DiffusionGenerator):
             raise ValueError(f"model.mlp_ratio must be > 0, got {hp.mlp_ratio}")
         if not 0.0 <= hp.mask_ratio_min <= 1.0:
             raise ValueError(f"model.mask_ratio_min must be in [0, 1], got {hp.mask_ratio_min}")
-        if hp.get("mask_buckets") is not None and int(hp.mask_buckets) < 1:
+        if hp.mask_buckets is not None and int(hp.mask_buckets) < 1:
             raise ValueError(f"model.mask_buckets must be >= 1 or null, got {hp.mask_buckets}")
         if hp.num_iter is None:
             raise ValueError("model.num_iter must be an integer in [1, L] (the number of AR steps), got None")
@@ -96,9 +96,7 @@ class MARGenerator(DiffusionGenerator):
     def training_masked_count(self, ratio: float) -> int:
         """Masked tokens per row for a training mask ratio (``ceil(L * ratio)``, bucketed by ``mask_buckets``)."""
         hp = self.hparams
-        buckets = hp.get("mask_buckets")
-        if buckets is None and hp.get("compile", False):
-            buckets = self.COMPILE_BUCKETS
+        buckets = self.COMPILE_BUCKETS if hp.mask_buckets is None and hp.compile else hp.mask_buckets
         fewest = num_masked_for_training(self.seq_len, hp.mask_ratio_min)
         return bucket_masked_count(num_masked_for_training(self.seq_len, ratio), self.seq_len, fewest, buckets)
 
@@ -120,9 +118,8 @@ class MARGenerator(DiffusionGenerator):
         """
         z = self.mar(tokens, mask, labels, drop=drop, num_masked=num_masked)  # (B, L, W)
         idx, mul = masked_positions(mask, num_masked), self.hparams.diffusion_batch_mul  # (B, n)
-        target = tokens.gather(1, idx[..., None].expand(-1, -1, tokens.shape[-1])).reshape(-1, tokens.shape[-1])
-        cond = z.gather(1, idx[..., None].expand(-1, -1, z.shape[-1])).reshape(-1, z.shape[-1])
-        target, cond = target.repeat(mul, 1), cond.repeat(mul, 1)  # (B*n*mul, Dt), (B*n*mul, W)
+        target = gather_rows(tokens, idx).flatten(0, 1).repeat(mul, 1)  # (B*n*mul, Dt)
+        cond = gather_rows(z, idx).flatten(0, 1).repeat(mul, 1)  # (B*n*mul, W)
         return self.head.loss_given_noise(target, cond, t, noise).mean()
 
     def no_decay_modules(self) -> tuple[torch.nn.Module, ...]:

@@ -60,6 +60,11 @@ def _rows(index: Tensor, width: int) -> Tensor:
     return index[..., None].expand(-1, -1, width)
 
 
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index`` ``[B, n]`` of each sample of ``x`` ``[B, L, D]``: ``[B, n, D]``."""
+    return x.gather(1, _rows(index, x.shape[-1]))
+
+
 def _blocks(width: int, depth: int, num_heads: int, mlp_ratio: float, dropout: float) -> nn.ModuleList:
     return nn.ModuleList(
         Block(width, num_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=dropout) for _ in range(depth)
@@ -140,7 +145,7 @@ class MaskedAutoregressiveTransformer(nn.Module):
         buffer = class_emb[:, None, :].expand(b, self.buffer_size, -1)  # (B, buf, W)
         x = torch.cat([buffer.to(x.dtype), x], dim=1) + self.encoder_pos_embed  # (B, buf+L, W)
         x = self.z_proj_ln(x)
-        x = x.gather(1, _rows(self._kept(mask, num_masked), x.shape[-1]))  # (B, buf+visible, W)
+        x = gather_rows(x, self._kept(mask, num_masked))  # (B, buf+visible, W)
         for block in self.encoder_blocks:
             x = block(x)
         return self.encoder_norm(x)

@@ -34,6 +34,16 @@ def _train_counts(model: MARGenerator, steps: int) -> set[int]:
     return seen
 
 
+def _loss_and_grads(cls: type, **options) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Loss and parameter gradients of one step of a freshly seeded tiny ``cls(**options)`` on the fixed batch."""
+    torch.manual_seed(0)
+    model = cls(**TINY, **options)
+    latents, labels = _batch()
+    loss = model.diffusion_loss(latents, labels, generator=torch.Generator().manual_seed(3))
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
 @pytest.fixture
 def fresh_dynamo():
     torch._dynamo.reset()
@@ -74,15 +84,8 @@ def test_recompile_count_sees_every_new_shape(fresh_dynamo) -> None:
 @pytest.mark.parametrize("cls", [MARGenerator, CausalARGenerator, ConditionalDiffusion])
 def test_compiled_loss_and_gradients_equal_eager(cls, fresh_dynamo) -> None:
     options = {"mask_buckets": 8} if cls is MARGenerator else {}
-    latents, labels = _batch()
-    results = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        model = cls(**TINY, **options, compile=compiled, compile_options=EAGER_BACKEND)
-        loss = model.diffusion_loss(latents, labels, generator=torch.Generator().manual_seed(3))
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (loss_e, grads_e), (loss_c, grads_c) = results
+    loss_e, grads_e = _loss_and_grads(cls, compile=False, **options)
+    loss_c, grads_c = _loss_and_grads(cls, compile=True, compile_options=EAGER_BACKEND, **options)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-7)
     assert len(grads_c) == len(grads_e)
     for gc, ge in zip(grads_c, grads_e):
@@ -93,15 +96,8 @@ def test_compiled_loss_and_gradients_equal_eager(cls, fresh_dynamo) -> None:
 def test_inductor_loss_and_gradients_equal_eager(fresh_dynamo) -> None:
     """The default backend (inductor code generation, ~1 min on 2 cores): one bucket, one graph; loss within 1e-5
     relative and gradients within 1e-4 relative (fused kernels reorder float sums)."""
-    latents, labels = _batch()
-    results = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        model = MARGenerator(**TINY, mask_buckets=1, compile=compiled)
-        loss = model.diffusion_loss(latents, labels, generator=torch.Generator().manual_seed(3))
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (loss_e, grads_e), (loss_c, grads_c) = results
+    loss_e, grads_e = _loss_and_grads(MARGenerator, mask_buckets=1, compile=False)
+    loss_c, grads_c = _loss_and_grads(MARGenerator, mask_buckets=1, compile=True)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     for gc, ge in zip(grads_c, grads_e):
         torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-5)
