@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
 from lightning_ar.nn.dit import ClassEmbedding
 from lightning_ar.nn.init import normal_embeddings_, xavier_linears_
-from lightning_ar.nn.sampler import ConditionRefiner, cfg_at_step
+from lightning_ar.nn.sampler import cfg_at_step, refine_conditions_of_step
 from lightning_ar.nn.sampling_options import SamplingOptions, check_labels
 from lightning_ar.nn.sampling_run import SamplingRun
 from lightning_ar.nn.transformer_spec import TransformerSpec
@@ -229,18 +229,6 @@ class CausalTransformer(nn.Module):
         return self.run(x, 0)[:, -1] + self.diffusion_pos_embed[0, self.order[n]]
 
 
-def _refine(refiner: ConditionRefiner | None, z: Tensor, z_null: Tensor | None, labels: Tensor, position: Tensor,
-            step: int) -> tuple[Tensor, Tensor | None]:
-    """Apply the refinement hook to the conditional (and, if it asks for it, the null) conditions of one step."""
-    if refiner is None:
-        return z, z_null
-    positions = position.expand(labels.shape[0])  # (B,)
-    z = refiner(z, labels, positions, step)
-    if z_null is not None and refiner.refine_null:
-        z_null = refiner.null(z_null, positions, step)
-    return z, z_null
-
-
 @torch.no_grad()
 def sample_causal_tokens(
     model: CausalTransformer,
@@ -288,12 +276,13 @@ def sample_causal_tokens(
         else:
             z_all = model.step(ordered[:, i - 1].repeat(2 if guided else 1, 1), i - 1, cache)
         z_raw, z_null = z_all.chunk(2) if guided else (z_all, None)  # (B, W) each
-        z, z_null = _refine(refiner, z_raw, z_null, labels, model.order[i], i)
+        z, z_null, seconds = refine_conditions_of_step(refiner, z_raw, z_null, labels,
+                                                       model.order[i].expand(labels.shape[0]), i)
         cfg_i = cfg_at_step(cfg, cfg_schedule, seq_len - 1 - i, seq_len)
         ordered[:, i] = head.sample(z, z_null, options, cfg=cfg_i, generator=generator)
         if trace is not None:
             trace.record(
-                i, seq_len - 1 - i, cfg_i, positions=model.order[i].expand(labels.shape[0], 1),
+                i, seq_len - 1 - i, cfg_i, seconds, positions=model.order[i].expand(labels.shape[0], 1),
                 conditions=z[:, None], tokens=ordered[:, i, None],
                 raw_conditions=z_raw[:, None] if refiner is not None else None,
                 null_conditions=z_null[:, None] if z_null is not None else None,

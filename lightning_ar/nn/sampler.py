@@ -6,6 +6,7 @@ are sampled by the diffusion head (all of the batch at once), and the mask shrin
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import torch
@@ -41,6 +42,31 @@ def cfg_at_step(cfg: float, schedule: CfgSchedule, num_masked_after: int, seq_le
     if schedule == "constant":
         return cfg
     return 1.0 + (cfg - 1.0) * (seq_len - num_masked_after) / seq_len
+
+
+def refine_conditions_of_step(refiner: ConditionRefiner | None, z: Tensor, z_null: Tensor | None, labels: Tensor,
+                              positions: Tensor, step: int) -> tuple[Tensor, Tensor | None, float]:
+    """Apply a refinement hook to one step's conditional ``z`` ``[N, D]`` (and, if it asks for it, null ``z_null``
+    ``[N, D]``) conditions of classes ``labels`` ``[N]`` at ``positions`` ``[N]``.
+
+    Returns:
+        ``(z, z_null, seconds)``: the refined conditions and the wall time spent in the hook (0 without one; on CUDA
+        the device is synchronised before and after, so queued work is not attributed to it).
+    """
+    if refiner is None:
+        return z, z_null, 0.0
+    _sync(z.device)
+    start = time.perf_counter()
+    z = refiner(z, labels, positions, step)
+    if z_null is not None and refiner.refine_null:
+        z_null = refiner.null(z_null, positions, step)
+    _sync(z.device)
+    return z, z_null, time.perf_counter() - start
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _conditions(mar: MaskedAutoregressiveTransformer, tokens: Tensor, mask: Tensor, labels: Tensor, guided: bool,
@@ -96,20 +122,17 @@ def sample_tokens(
         to_pred = mask & ~mask_next  # (B, L)
         n = int(to_pred[0].sum())
         positions = to_pred.nonzero()[:, 1].view(b, n)  # (B, n)
-        z_k = z[to_pred]  # (B*n, D)
-        z_raw = z_k
-        if refiner is not None:
-            z_k = refiner(z_k, labels.repeat_interleave(n), positions.reshape(-1), k)
-        z_null_k = z_null[to_pred] if z_null is not None else None
-        if z_null_k is not None and refiner is not None and refiner.refine_null:
-            z_null_k = refiner.null(z_null_k, positions.reshape(-1), k)
+        z_raw = z[to_pred]  # (B*n, D)
+        z_k, z_null_k, seconds = refine_conditions_of_step(
+            refiner, z_raw, z_null[to_pred] if z_null is not None else None, labels.repeat_interleave(n),
+            positions.reshape(-1), k)
         cfg_k = cfg_at_step(cfg, cfg_schedule, schedule[k], seq_len)
         sampled = head.sample(z_k, z_null_k, options, cfg=cfg_k, generator=generator)
         tokens[to_pred] = sampled.to(tokens.dtype)
         mask = mask_next
         if trace is not None:
             trace.record(
-                k, schedule[k], cfg_k,
+                k, schedule[k], cfg_k, seconds,
                 positions=positions, conditions=z_k.view(b, n, -1), tokens=sampled.view(b, n, -1),
                 raw_conditions=z_raw.view(b, n, -1) if refiner is not None else None,
                 null_conditions=z_null_k.view(b, n, -1) if z_null_k is not None else None,

@@ -30,6 +30,8 @@ class StepRecord:
         flow_trace: ``[K+1]`` Sinkhorn divergence to the flow's target along the inner flow (flow refinement only).
         divergence_before: Sinkhorn divergence of the produced conditions to held-out ideal ones (when measured).
         divergence_after: The same after refinement (equal to ``divergence_before`` without refinement).
+        refine_seconds: Wall seconds the sampler spent in the refiner at this step (both branches; 0 without one;
+            on CUDA the device is synchronised around the call, so the time is the refiner's own).
     """
 
     step: int
@@ -43,6 +45,7 @@ class StepRecord:
     flow_trace: Tensor | None = None
     divergence_before: float | None = None
     divergence_after: float | None = None
+    refine_seconds: float = 0.0
 
 
 @dataclass
@@ -65,10 +68,17 @@ class GenerationTrace:
         x = x.detach()
         return x if self.keep_on_device else x.cpu()
 
-    def record(self, step: int, num_masked_after: int, cfg: float, **tensors: Tensor | None) -> None:
+    def record(self, step: int, num_masked_after: int, cfg: float, refine_seconds: float = 0.0,
+               **tensors: Tensor | None) -> None:
         """Append the record of one step; ``tensors`` are the :class:`StepRecord` tensor fields."""
         stored = {name: self._store(value) for name, value in tensors.items()}
-        self.steps.append(StepRecord(step=step, num_masked_after=num_masked_after, cfg=cfg, **stored))
+        self.steps.append(StepRecord(step=step, num_masked_after=num_masked_after, cfg=cfg,
+                                     refine_seconds=refine_seconds, **stored))
+
+    @property
+    def refine_seconds(self) -> float:
+        """Seconds spent in the refiner over all recorded steps."""
+        return sum(rec.refine_seconds for rec in self.steps)
 
     @property
     def seq_len(self) -> int:
