@@ -106,7 +106,8 @@ def gaussian_kl(res_sum: Tensor, res_outer: Tensor, count: Tensor | float) -> di
     ``KL(N(m, C) || N(0, I)) = (tr C + |m|^2 - D - log det C) / 2`` with ``m`` and ``C`` (maximum-likelihood) the
     residuals' mean and covariance, split into ``kl_mean = |m|^2 / 2`` and ``kl_cov`` (the rest); ``dispersion`` is
     ``tr C / D`` (1 for exact samples, > 1 over-, < 1 under-dispersed). Leading batch dimensions (e.g. bootstrap
-    replicates) are kept.
+    replicates) are kept. ``min_eig`` / ``max_eig`` are the extreme eigenvalues of ``C`` (1 for exact samples; a
+    direction below 1 is under-dispersed, e.g. by a refinement that collapses conditions).
 
     Args:
         res_sum: ``[..., D]`` sum of the residuals.
@@ -114,7 +115,7 @@ def gaussian_kl(res_sum: Tensor, res_outer: Tensor, count: Tensor | float) -> di
         count: Number of residual vectors (scalar or ``[...]``).
 
     Returns:
-        ``kl``, ``kl_mean``, ``kl_cov``, ``dispersion``, each ``[...]``.
+        ``kl``, ``kl_mean``, ``kl_cov``, ``dispersion``, ``min_eig``, ``max_eig``, each ``[...]``.
     """
     count = torch.as_tensor(count, dtype=res_sum.dtype, device=res_sum.device)
     mean = res_sum / count[..., None]
@@ -123,7 +124,9 @@ def gaussian_kl(res_sum: Tensor, res_outer: Tensor, count: Tensor | float) -> di
     trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
     kl_mean = 0.5 * mean.square().sum(-1)
     kl_cov = 0.5 * (trace - d - torch.linalg.slogdet(cov)[1])
-    return {"kl": kl_mean + kl_cov, "kl_mean": kl_mean, "kl_cov": kl_cov, "dispersion": trace / d}
+    eig = torch.linalg.eigvalsh(cov)  # (..., D) ascending
+    return {"kl": kl_mean + kl_cov, "kl_mean": kl_mean, "kl_cov": kl_cov, "dispersion": trace / d,
+            "min_eig": eig[..., 0], "max_eig": eig[..., -1]}
 
 
 def sequence_excess(steps: list[StepTruth], dim: int) -> Tensor:

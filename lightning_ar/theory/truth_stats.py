@@ -21,7 +21,7 @@ from lightning_ar.theory.bootstrap import Replicates
 from lightning_ar.theory.ground_truth import StepTruth, gaussian_kl
 
 PER_SAMPLE = ("excess_joint", "excess_token", "parallel", "parallel_floor")
-POOLED = ("kl", "kl_mean", "kl_cov", "dispersion")
+POOLED = ("kl", "kl_mean", "kl_cov", "dispersion", "min_eig", "max_eig")
 METRICS = PER_SAMPLE + POOLED
 
 

@@ -147,3 +147,14 @@ def test_mask_ratio_min_zero_trains_on_long_contexts() -> None:
     assert num_masked_for_training(4, 0.0) == 1
     with pytest.raises(ValueError, match="mask_ratio_min"):
         MARGenerator((4, 2, 2), 2, 1.0, patch_size=1, width=16, num_heads=2, mask_ratio_min=-0.1, num_iter=2)
+
+
+def test_residual_eigenvalues_see_a_collapse_in_one_direction() -> None:
+    """``min_eig`` of the whitened-residual covariance is ~1 on exact residuals and drops when one direction is
+    shrunk, which the mean dispersion (trace / D) hides."""
+    white = torch.randn(6000, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    exact = gaussian_kl(white.sum(0), white.T @ white, 6000)
+    assert 0.9 < float(exact["min_eig"]) <= float(exact["max_eig"]) < 1.1
+    squashed = white * torch.tensor([0.5, 1.15, 1.15, 1.15], dtype=torch.float64)  # trace kept close to D
+    kl = gaussian_kl(squashed.sum(0), squashed.T @ squashed, 6000)
+    assert 0.9 < float(kl["dispersion"]) < 1.1 and float(kl["min_eig"]) < 0.3
