@@ -205,6 +205,7 @@ def evaluate_one(opts: argparse.Namespace) -> None:
                              oracle=OracleSettings(iters=tier.oracle_iters, draws=tier.oracle_draws),
                              cfg=tier.cfg_secondary if opts.evaluate == "secondary" else 1.0, seed=opts.seed)
     start, info = time.process_time(), {"regime": opts.regime, "seed": opts.seed, "what": opts.evaluate}
+    run_dir(Path(opts.out), opts.regime, opts.seed).mkdir(parents=True, exist_ok=True)
     if reg.kind == "cdm":
         arms = evaluate_cdm(module, source, settings)
     elif opts.evaluate == "controls":

@@ -1,5 +1,7 @@
-"""OT refinement variants judged on gmm ground truth (issue 15, first part): none, the old flow, the entropic map,
-and the control "shrink toward the group mean with the flow's step", on the core study's R0 and R1 checkpoints.
+"""OT refinement variants judged on gmm ground truth (issue 15): none, the old flow, the entropic map, and two
+controls: "shrink toward the group mean with the flow's step" and "the best head temperature" (no refinement; the
+temperature chosen per model on a separate tuning draw), on the condition-error study's checkpoints (R0, R1 by
+default; ``--regimes`` takes R2-R4 too).
 
 For each (regime, seed) this builds an ``OTRefinement`` of the trained generator (banks by teacher forcing on the
 train split, the batch-independent entropic map fitted on ``--pool-samples`` sequences of the generator's own
@@ -8,14 +10,17 @@ sampling), then generates the same labels with the same seed under every variant
 seed of each regime it also runs the null test of the map on the real model (a map fitted with a pool of
 teacher-forced conditions, i.e. nothing to fix, applied to held-out ideal conditions) and of the old flow.
 
-Pre-registered (issue 15, before the run; ``CRITERIA`` below): per regime, a gap exists when GEN - TF of the late-step
-KL is resolved (bootstrap CI excludes 0) and exceeds 3 bootstrap SE. WORKING: a variant closes >= 25% of it and lowers
-the sequence excess NLL by more than 2 paired SE, and beats the shrink control. NOT WORKING: the gap exists and no
-variant closes more than 10%. VACUOUS: no gap. Whatever the verdict, a variant that raises the sequence excess NLL
-(CI above 0) is reported as harmful.
+Pre-registered (issue 15 item 8, before the run; ``CRITERIA`` below): per regime, a gap exists when GEN - TF of the
+late-step KL is resolved (bootstrap CI excludes 0) and exceeds 3 bootstrap SE. WORKING: a refinement (flow or map)
+closes >= 25% of it, lowers the sequence excess NLL and the class-wise sliced W2 to exact samples by more than 2
+paired SE each, keeps the smallest eigenvalue of the late steps' whitened-residual covariance >= 0.9, and lowers the
+late-step KL more than both controls. NOT WORKING: the gap exists and no refinement closes more than 10%. VACUOUS:
+no gap. Whatever the verdict, a variant that raises the sequence excess NLL (CI above 0) is reported as harmful.
+(The first version of this study, 2026-12-01, had the first two conditions and the shrink control only; the sliced
+W2, the eigenvalue and the temperature control were added before this version was run.)
 
-    python benchmarks/condition_error_study.py --tier core --jobs 2    # first: the checkpoints
-    python benchmarks/refinement_study.py --jobs 2                     # ~25 min on 2 cores
+    python benchmarks/condition_error_study.py --jobs 2                # first: the checkpoints
+    python benchmarks/refinement_study.py --jobs 2                     # ~30 min on 2 cores (R0, R1)
 
 Resumable: each (regime, seed) writes ``arms.npz`` + ``info.json`` under ``--out``; delete them to redo.
 """
@@ -34,14 +39,20 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from lightning_ar.io import atomic_write_text  # noqa: E402
+from lightning_ar.nn.trace import GenerationTrace  # noqa: E402
 
-VARIANTS = ("none", "flow", "map", "shrink")
+VARIANTS = ("none", "flow", "map", "shrink", "temperature")
+REFINEMENTS = ("flow", "map")
+CONTROLS = ("shrink", "temperature")
 REGIMES = ("R0", "R1")
 SEEDS = (0, 1, 2)
+TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0)  # the temperature control's grid (chosen on a tuning draw per model)
 CRITERIA = {
     "gap_resolved": "GEN - TF late-step KL: CI excludes 0 and value > 3 SE",
-    "working": "closes >= 25% of the gap, lowers sequence excess NLL by > 2 paired SE, beats the shrink control",
-    "not_working": "gap exists and no variant closes > 10%",
+    "working": "a refinement closes >= 25% of the gap, lowers sequence excess NLL and sliced W2 by > 2 paired SE "
+               "each, keeps the late-step residual covariance's smallest eigenvalue >= 0.9, and lowers the late KL "
+               "more than both controls (shrink, best temperature)",
+    "not_working": "gap exists and no refinement closes > 10%",
     "vacuous": "no gap resolved",
     "null_test": "map moves conditions drawn from its target by < 0.1x their within-group spread (every step >= 1)",
 }
@@ -120,8 +131,27 @@ def null_tests(module, source, seed: int) -> dict:
     return out
 
 
+def best_temperature(gen, source, settings, scale: float) -> dict:
+    """The temperature control's choice: the head temperature of ``TEMPERATURES`` with the lowest late-step KL
+    excess on a tuning draw (256 samples, generation streams other than the reported run's)."""
+    from lightning_ar.theory.bootstrap import Replicates
+    from lightning_ar.theory.ground_truth import trace_truth
+    from lightning_ar.theory.truth_run import labels_for
+    from lightning_ar.theory.truth_stats import arm_metric, stack
+
+    labels, late_kl = labels_for(source, 256), {}
+    for i, tau in enumerate(TEMPERATURES):
+        trace = GenerationTrace()
+        gen.generate(labels, cfg=1.0, generator=settings.rng(50 + i), trace=trace, temperature=tau, progress=False)
+        arm = stack([trace_truth(source, trace, scale)])
+        late = list(range(len(arm) // 2, len(arm)))
+        late_kl[tau] = float(arm_metric(arm, "kl", Replicates.identity(1, len(labels)), late)[0])
+    return {"grid": list(TEMPERATURES), "late_kl": late_kl, "chosen": min(late_kl, key=late_kl.get)}
+
+
 def run_one(regime: str, seed: int, runs: Path, out: Path, pool_samples: int, num_samples: int) -> Path:
     """Build, evaluate and save one (regime, seed); skipped when its ``info.json`` exists."""
+    import numpy as np
     import torch
 
     torch.set_num_threads(1)
@@ -130,7 +160,7 @@ def run_one(regime: str, seed: int, runs: Path, out: Path, pool_samples: int, nu
 
     from lightning_ar.theory.condition_errors import ConditionModel, teacher_forced_trace
     from lightning_ar.theory.ground_truth import trace_truth
-    from lightning_ar.theory.truth_run import TruthSettings, generate_trace, labels_for
+    from lightning_ar.theory.truth_run import TruthSettings, labels_for
     from lightning_ar.theory.truth_stats import save_arms
 
     folder = out / regime / f"seed{seed}"
@@ -139,7 +169,7 @@ def run_one(regime: str, seed: int, runs: Path, out: Path, pool_samples: int, nu
     folder.mkdir(parents=True, exist_ok=True)
     ckpt = runs / regime / f"seed{seed}" / "fit" / "version_0" / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
-        raise FileNotFoundError(f"{ckpt}: run `python benchmarks/condition_error_study.py --tier core` first")
+        raise FileNotFoundError(f"{ckpt}: run `python benchmarks/condition_error_study.py` first (--runs)")
     _, source = load_run(ckpt, STUDY_REGIMES[regime])
     start = time.perf_counter()
     module, gen, _ = build_refinement(ckpt, source, pool_samples, seed)
@@ -147,23 +177,30 @@ def run_one(regime: str, seed: int, runs: Path, out: Path, pool_samples: int, nu
                   time.perf_counter() - start}
     settings = TruthSettings(num_samples=num_samples, seed=seed)
     labels, scale = labels_for(source, num_samples), float(gen.hparams.latent_scale)
+    info["temperature"] = best_temperature(gen, source, settings, scale)
     hooks = {"none": None, "flow": module._hook("flow"), "map": module._hook("map"),
-             "shrink": ShrinkControl(module.bank, gen.seq_len, module.flow.options.eta)}
-    arms, seconds = {}, {}
+             "shrink": ShrinkControl(module.bank, gen.seq_len, module.flow.options.eta), "temperature": None}
+    arms, seconds, sequences = {}, {}, {}
     for name, hook in hooks.items():
-        t0 = time.perf_counter()
-        trace = generate_trace(gen, labels, 1.0, settings.rng(0), hook)
-        seconds[name] = {"total": time.perf_counter() - t0,
-                         "refine": getattr(getattr(hook, "stats", None), "seconds", 0.0)}
+        t0, trace = time.perf_counter(), GenerationTrace()
+        tau = info["temperature"]["chosen"] if name == "temperature" else float(gen.hparams.temperature)
+        gen.generate(labels, cfg=1.0, generator=settings.rng(0), trace=trace, refiner=hook, temperature=tau,
+                     progress=False)
+        seconds[name] = {"total": time.perf_counter() - t0, "refine": trace.refine_seconds}
         arms[name] = trace_truth(source, trace, scale)
+        sequences[name] = trace.sequence().reshape(num_samples, -1).float().numpy()
         if name == "none":
             real = source.to_tokens(source.sample(labels, settings.rng(1))) * scale
             tf = teacher_forced_trace(ConditionModel.from_generator(gen), real, trace, settings.rng(2))
             arms["tf"] = trace_truth(source, tf, scale, context=real)
+    for name, stream in (("exact", 3), ("exact_floor", 4)):  # references of the sliced W2 (and its floor)
+        sequences[name] = (source.to_tokens(source.sample(labels, settings.rng(stream))) * scale).reshape(
+            num_samples, -1).float().numpy()
     info["seconds"] = seconds
     if seed == SEEDS[0]:
         info["null_tests"] = null_tests(module, source, seed)
     save_arms(folder / "arms.npz", arms)
+    np.savez_compressed(folder / "sequences.npz", labels=labels.numpy(), **sequences)
     atomic_write_text(folder / "info.json", json.dumps(info, indent=1, default=float) + "\n")
     return folder
 
@@ -171,10 +208,10 @@ def run_one(regime: str, seed: int, runs: Path, out: Path, pool_samples: int, nu
 class _Stats:
     """Paired bootstrap estimates over the stacked arms of one regime (late steps: the second half)."""
 
-    def __init__(self, arms: dict, num_seeds: int, bootstrap: int) -> None:
+    def __init__(self, arms: dict, num_seeds: int, bootstrap: int, sequences: dict | None = None) -> None:
         from lightning_ar.theory.bootstrap import Replicates
 
-        self.arms, self.num_seeds = arms, num_seeds
+        self.arms, self.num_seeds, self.sequences = arms, num_seeds, sequences
         self.num_steps, self.n = len(arms["none"]), arms["none"][0].excess_joint.shape[1]
         self.late = list(range(self.num_steps // 2, self.num_steps))
         self.reps = Replicates.draw(num_seeds, self.n, bootstrap)
@@ -198,6 +235,19 @@ class _Stats:
 
         return lambda r: arm_metric(self.arms[arm], "dispersion", r, self.late)
 
+    def min_eig(self, arm: str):
+        """Smallest eigenvalue of the whitened-residual covariance, mean over the late steps (exact: 1)."""
+        from lightning_ar.theory.truth_stats import arm_metric
+
+        return lambda r: arm_metric(self.arms[arm], "min_eig", r, self.late)
+
+    def sw2(self, arm: str):
+        """Class-wise sliced W2 of the arm's sequences to exact samples with the same labels."""
+        from lightning_ar.theory.sliced_w2 import sliced_w2
+
+        seqs = self.sequences
+        return lambda r: sliced_w2(seqs[arm], seqs["exact"], seqs["labels"], r)
+
     def seq(self, arm: str):
         from lightning_ar.theory.truth_stats import sequence_excess
 
@@ -213,12 +263,26 @@ def _verdict(reg: dict, gap: dict) -> str:
     if not ((gap["lo"] > 0 or gap["hi"] < 0) and abs(gap["value"]) > 3 * gap["se"]):
         return "VACUOUS"
     rows = reg["variants"]
-    winners = [v for v in ("flow", "map") if rows[v]["gap_closed"] >= 0.25
+    best_control = min(rows[c]["d_late_kl"]["value"] for c in CONTROLS)
+    winners = [v for v in REFINEMENTS if rows[v]["gap_closed"] >= 0.25
                and -rows[v]["d_sequence_excess"]["value"] > 2 * rows[v]["d_sequence_excess"]["se"]
-               and rows[v]["d_late_kl"]["value"] < rows["shrink"]["d_late_kl"]["value"]]
+               and -rows[v]["d_sliced_w2"]["value"] > 2 * rows[v]["d_sliced_w2"]["se"]
+               and rows[v]["late_min_eig"]["value"] >= 0.9
+               and rows[v]["d_late_kl"]["value"] < best_control]
     if winners:
         return f"WORKING ({', '.join(winners)})"
-    return "NOT WORKING" if max(rows[v]["gap_closed"] for v in ("flow", "map")) <= 0.10 else "not resolved"
+    return "NOT WORKING" if max(rows[v]["gap_closed"] for v in REFINEMENTS) <= 0.10 else "not resolved"
+
+
+def load_sequences(folders: list[Path]) -> dict:
+    """``[S, N, F]`` generated and exact sequences per variant over the seeds' folders, and the ``[N]`` labels."""
+    import numpy as np
+    import torch
+
+    files = [np.load(f / "sequences.npz") for f in folders]
+    out = {k: torch.from_numpy(np.stack([d[k] for d in files])).double() for k in files[0].files if k != "labels"}
+    out["labels"] = torch.from_numpy(files[0]["labels"])
+    return out
 
 
 def summarise_regime(folders: list[Path], bootstrap: int) -> dict:
@@ -229,20 +293,25 @@ def summarise_regime(folders: list[Path], bootstrap: int) -> dict:
 
     loaded = [load_arms(f / "arms.npz") for f in folders]
     infos = [json.loads((f / "info.json").read_text()) for f in folders]
-    st = _Stats({name: stack([run[name] for run in loaded]) for name in loaded[0]}, len(folders), bootstrap)
+    st = _Stats({name: stack([run[name] for run in loaded]) for name in loaded[0]}, len(folders), bootstrap,
+                load_sequences(folders))
     gap = st.diff("kl", "none", "tf")
     reg: dict = {"seeds": [i["seed"] for i in infos], "samples": st.n, "late_steps": st.late, "gap_late_kl": gap,
-                 "variants": {}}
+                 "sliced_w2_floor": st.est(lambda r: st.sw2("exact_floor")(r)),
+                 "temperature": [i["temperature"] for i in infos], "variants": {}}
     for v in VARIANTS:
         row = {"sequence_excess": st.est(st.seq(v)), "late_kl": st.est(st.kl(v)),
-               "late_dispersion": st.est(st.dispersion(v))}
+               "late_dispersion": st.est(st.dispersion(v)), "late_min_eig": st.est(st.min_eig(v)),
+               "sliced_w2": st.est(st.sw2(v))}
         if v != "none":
             row["d_sequence_excess"], row["d_late_kl"] = st.diff("seq", v, "none"), st.diff("kl", v, "none")
+            row["d_sliced_w2"] = st.diff("sw2", v, "none")
             row["gap_closed"] = -row["d_late_kl"]["value"] / gap["value"] if gap["value"] else float("nan")
             row["cost_share"] = float(np.mean([i["seconds"][v]["refine"] / i["seconds"][v]["total"] for i in infos]))
         reg["variants"][v] = row
     reg["verdict"] = _verdict(reg, gap)
     reg["harmful"] = [v for v in VARIANTS if v != "none" and reg["variants"][v]["d_sequence_excess"]["lo"] > 0]
+    reg["cost_note"] = "refine share: seconds in the refiner (GenerationTrace.refine_seconds) / sampling seconds"
     nulls = [i["null_tests"] for i in infos if "null_tests" in i]
     reg["null_tests"] = nulls[0] if nulls else None
     reg["map_fit"] = [i["map_fit"] for i in infos]
@@ -252,7 +321,7 @@ def summarise_regime(folders: list[Path], bootstrap: int) -> dict:
 def summarise(out: Path, results: Path, bootstrap: int = 1000) -> dict:
     """Paired statistics over seeds per regime and the pre-registered verdicts; writes JSON + MD."""
     summary: dict = {"criteria": CRITERIA, "variants": VARIANTS, "regimes": {}}
-    for regime in REGIMES:
+    for regime in ("R0", "R1", "R2", "R3", "R4"):
         folders = [out / regime / f"seed{s}" for s in SEEDS if (out / regime / f"seed{s}" / "info.json").is_file()]
         if folders:
             summary["regimes"][regime] = summarise_regime(folders, bootstrap)
@@ -270,9 +339,9 @@ def markdown(summary: dict) -> str:
     import numpy as np
 
     lines = ["# OT refinement variants on gmm ground truth", "",
-             "Generated by `python benchmarks/refinement_study.py --jobs 2` (core-study checkpoints, cfg 1, 512 "
-             "samples per seed, same labels and seed for every variant; 95% paired bootstrap CIs over seeds and "
-             "samples).", "",
+             "Generated by `python benchmarks/refinement_study.py --jobs 2` (the condition-error study's checkpoints, "
+             "cfg 1, 512 samples per seed, same labels and seed for every variant; 95% paired bootstrap CIs over "
+             "seeds and samples).", "",
              "Pre-registered criteria:", ""]
     lines += [f"- **{k}**: {v}" for k, v in summary["criteria"].items()]
     for regime, reg in summary["regimes"].items():
@@ -282,17 +351,23 @@ def markdown(summary: dict) -> str:
                   f"{', '.join(reg['harmful']) or 'none'}.", "",
                   "Sequence excess NLL in nats/dim (exact: 0); late KL: Gaussian KL of the whitened residuals"
                   " to N(0, I), mean over the late steps; late dispersion: mean squared whitened residual"
-                  " (exact: 1).", "",
-                  "| variant | sequence excess NLL | vs none | late KL vs none | late dispersion | gap closed | "
-                  "refine share of sampling time |", "|---|---|---|---|---|---|---|"]
+                  " (exact: 1); min eig: smallest eigenvalue of the late steps' residual covariance (exact: 1);"
+                  " sliced W2: class-wise sliced W2 of the sequences to exact samples (floor, exact vs exact: "
+                  f"{reg['sliced_w2_floor']['value']:.3f}). Temperature control: chosen per seed "
+                  f"{[t['chosen'] for t in reg['temperature']]} on a tuning draw from {reg['temperature'][0]['grid']}.",
+                  "",
+                  "| variant | sequence excess NLL | vs none | late KL vs none | late dispersion | min eig | sliced W2 "
+                  "vs none | gap closed | refine share of sampling time |", "|---|---|---|---|---|---|---|---|---|"]
         for v, row in reg["variants"].items():
             d_seq = _ci(row["d_sequence_excess"]) if "d_sequence_excess" in row else ""
             d_kl = _ci(row["d_late_kl"]) if "d_late_kl" in row else ""
+            d_sw = _ci(row["d_sliced_w2"]) if "d_sliced_w2" in row else f"{row['sliced_w2']['value']:.3f}"
             closed = f"{row['gap_closed']:+.0%}" if "gap_closed" in row and reg["verdict"] != "VACUOUS" else \
                 ("n/a (no gap)" if "gap_closed" in row else "")
-            cost = f"{row['cost_share']:.1%}" if "cost_share" in row and v != "shrink" else ""
+            cost = f"{row['cost_share']:.1%}" if "cost_share" in row and v in REFINEMENTS else ""
             lines.append(f"| {v} | {_ci(row['sequence_excess'])} | {d_seq} | {d_kl} | "
-                         f"{row['late_dispersion']['value']:.3f} | {closed} | {cost} |")
+                         f"{row['late_dispersion']['value']:.3f} | {row['late_min_eig']['value']:.3f} | {d_sw} | "
+                         f"{closed} | {cost} |")
         if reg["null_tests"]:
             lines += ["", "Null test (conditions drawn from the target; moved / within-group spread, dispersion "
                       "after / before), per AR step:", "", "| step | map | flow (old) |", "|---|---|---|"]
@@ -304,27 +379,19 @@ def markdown(summary: dict) -> str:
         lines += ["", f"Map fit: {fits[0]['num_samples']} pool sequences; max L1 marginal error "
                   f"{max(f['max_marginal_error'] for f in fits):.2e}; {np.mean([f['seconds'] for f in fits]):.0f} s "
                   "per fit (one thread)." if fits else ""]
-    cost = REPO / "benchmarks" / "results" / "entropic-map-cost.json"
-    if cost.is_file():
-        c = json.loads(cost.read_text())
-        lines += ["", "The map's share above was measured with the first implementation, which scored every condition "
-                  "against all classes' points and masked; applying it class by class (the committed code, the same "
-                  f"arithmetic per class) takes {c['map_seconds_512_sequences']:.2f} s per 512 sequences "
-                  f"{c['map_share_of_sampling_time']:.1%} of sampling time (`python benchmarks/entropic_map_cost.py "
-                  "--study outputs/refinement_study`, `entropic-map-cost.json`)."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default=str(REPO / "outputs" / "condition_error_study" / "core"),
-                        help="the core study's work folder (its checkpoints)")
+    parser.add_argument("--runs", default=str(REPO / "outputs" / "condition_error_study" / "full"),
+                        help="the condition-error study's work folder (its checkpoints)")
     parser.add_argument("--out", default=str(REPO / "outputs" / "refinement_study"))
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--pool-samples", type=int, default=8192)
     parser.add_argument("--samples", type=int, default=512)
-    parser.add_argument("--regimes", nargs="+", default=list(REGIMES))
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=("R0", "R1", "R2", "R3", "R4"))
     parser.add_argument("--summarise-only", action="store_true")
     opts = parser.parse_args(argv)
     out, runs = Path(opts.out), Path(opts.runs)

@@ -54,6 +54,7 @@ from lightning_ar.nn.refine import (
     refine_conditions,
     sinkhorn_flow,
 )
+from lightning_ar.nn.refiners import ChainedHooks
 from lightning_ar.theory import (
     ConditionModel,
     TruthSettings,
@@ -68,6 +69,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdmNpzWriter",
+    "ChainedHooks",
     "AtomicCheckpointIO",
     "CheckpointError",
     "UsageError",

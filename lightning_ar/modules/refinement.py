@@ -38,7 +38,16 @@ from lightning_ar.nn.entropic_map import EntropicMap, MapSettings
 from lightning_ar.nn.mar import patchify
 from lightning_ar.nn.masking import cosine_schedule
 from lightning_ar.nn.refine import AmortizedRefiner, ConditionBank, FlowOptions, LabelledConditions
-from lightning_ar.nn.refiners import AmortizedHook, FlowRefiner, FlowSettings, MapFitter, MapHook, labelled_divergence
+from lightning_ar.nn.refiners import (
+    AmortizedHook,
+    ChainedHooks,
+    FlowRefiner,
+    FlowSettings,
+    MapFitter,
+    MapHook,
+    labelled_divergence,
+)
+from lightning_ar.nn.sampler import ConditionRefiner
 from lightning_ar.nn.teacher_forcing import teacher_forced_conditions
 from lightning_ar.nn.trace import GenerationTrace
 from lightning_ar.progress import default_progress
@@ -92,7 +101,10 @@ class OTRefinement(L.LightningModule):
         heldout_capacity: Held-out ideal conditions per AR step (validation split; used only to measure).
         bank_epochs: Leading ``fit`` epochs spent filling the banks (the rest train the amortised refiner).
         teacher_passes: Random orders per real batch and epoch in teacher forcing.
-        null_bank: Also build a bank of null-class conditions and refine the CFG null branch.
+        null_bank: Also build a bank of null-class conditions and refine the CFG null branch: the flow moves it
+            toward that bank; with ``map_pool_samples > 0`` a second entropic map (one class) is fitted on the null
+            branch of the pool's guided sampling (``fit_map`` at ``map_cfg``), so ``refine: map`` refines both
+            branches of the guided prediction.
         flow_steps: Flow steps ``K`` per AR step.
         flow_eta: Flow step size. ``eta = 1`` moves every condition onto its transport target in the bank sample in
             one step; on held-out ideal conditions that over-fits the finite target (the divergence to held-out data
@@ -119,6 +131,8 @@ class OTRefinement(L.LightningModule):
             transport never crosses classes).
         map_debias: Subtract the pool's self-transport (the map then leaves a pool drawn from the target alone).
         map_sampling_steps: Head denoising steps of the pool's generation (``None``: the generator's).
+        map_cfg: Guidance scale of the pool's generation (``None``: the generator's ``cfg``); the map is fitted
+            on-policy, so fit it at the scale it will be used at (the null branch's map needs ``map_cfg > 1``).
         mode: Default refinement mode of ``generate``/``predict``: ``none``, ``flow``, ``map`` or ``amortized``.
         seed: Seed of teacher forcing and of the flow's target subsampling.
         optimizer: Optimizer factory for the amortised refiner (default AdamW, lr 1e-3).
@@ -156,6 +170,7 @@ class OTRefinement(L.LightningModule):
         map_position_weight: float = 0.0,
         map_debias: bool = True,
         map_sampling_steps: int | None = None,
+        map_cfg: float | None = None,
         mode: str = "flow",
         seed: int = 0,
         optimizer: OptimizerCallable | None = None,
@@ -184,6 +199,10 @@ class OTRefinement(L.LightningModule):
             raise ValueError("model.map_pool_samples must be >= 0 and model.map_pool_size >= 1")
         settings = MapSettings(blur_fraction=map_blur_fraction, position_weight=map_position_weight, debias=map_debias)
         self.entropic_map = EntropicMap(num_iter, bank_capacity, map_pool_size, width, gen.seq_len, settings)
+        self.null_map = EntropicMap(num_iter, bank_capacity, map_pool_size, width, gen.seq_len, settings) \
+            if null_bank else None
+        if map_cfg is not None and not map_cfg >= 1:
+            raise ValueError(f"model.map_cfg must be >= 1 (or null: the generator's cfg), got {map_cfg}")
         self.map_fit_stats: dict[str, Any] = {}
         self.optimizer_factory = optimizer
         self.last_generation_stats: dict[str, float] = {}
@@ -235,13 +254,18 @@ class OTRefinement(L.LightningModule):
             self.log("refine/map_fit_seconds", stats["seconds"], batch_size=1)
 
     @torch.no_grad()
-    def fit_map(self, num_samples: int | None = None, seed: int | None = None) -> dict[str, Any]:
+    def fit_map(self, num_samples: int | None = None, seed: int | None = None,
+                upstream: ConditionRefiner | None = None, cfg: float | None = None) -> dict[str, Any]:
         """Fit the entropic map of every AR step on the generator's own sampling (one batch, on-policy).
 
         ``num_samples`` balanced labels (default ``map_pool_samples``) are generated with a :class:`MapFitter`
         hook: at step ``k`` the map is fitted between that step's conditions and bank bucket ``k``, then applied,
-        so later steps see refined contexts. Returns (and keeps in ``map_fit_stats``) the pool size and marginal
-        error of each step, and the seconds spent. Every rank fits the same map (same seed).
+        so later steps see refined contexts. ``upstream`` (e.g. an injected control of
+        :mod:`lightning_ar.nn.controls`) is applied to the conditions before the fitter sees them, so the map is
+        fitted to a generator with that defect. The pool is generated at guidance ``cfg`` (default ``map_cfg``, else
+        the generator's); with a null bank and ``cfg > 1`` the null branch's map is fitted on the same pass. Returns
+        (and keeps in ``map_fit_stats``) the pool size and marginal error of each step, and the seconds spent. Every
+        rank fits the same map (same seed).
         """
         num_samples = default(num_samples, self.hparams.map_pool_samples)
         if num_samples < 1:
@@ -249,8 +273,11 @@ class OTRefinement(L.LightningModule):
         start = time.perf_counter()
         labels = torch.arange(num_samples, device=self.device) % self._num_classes
         generator = seeded_generator(default(seed, self.hparams.seed), 17, stride=7907, device=self.device)
-        fitter = MapFitter(self.entropic_map, self.bank, self.entropic_map.pool.shape[1], generator)
-        self.mar_generator.generate(labels, generator=generator, refiner=fitter, progress=False,
+        cfg = default(cfg, default(self.hparams.map_cfg, self.mar_generator.hparams.cfg))
+        fitter = MapFitter(self.entropic_map, self.bank, self.entropic_map.pool.shape[1], generator,
+                           *((self.null_map, self.null) if self.null_map is not None and cfg != 1.0 else ()))
+        hook = fitter if upstream is None else ChainedHooks(upstream, fitter)
+        self.mar_generator.generate(labels, generator=generator, refiner=hook, progress=False, cfg=cfg,
                                     num_sampling_steps=self.hparams.map_sampling_steps)
         errors = list(fitter.marginal_errors.values())
         loose = {k: round(e, 4) for k, e in fitter.marginal_errors.items() if e > self.entropic_map.settings.tolerance}
@@ -262,6 +289,7 @@ class OTRefinement(L.LightningModule):
             warnings.warn(f"entropic map: classes with no bank conditions are left unrefined (AR step: classes "
                           f"{fitter.missing_classes}); fill the bank with more data", stacklevel=2)
         self.map_fit_stats = {"pool_sizes": dict(fitter.pool_sizes), "marginal_errors": dict(fitter.marginal_errors),
+                              "null_marginal_errors": dict(fitter.null_marginal_errors), "cfg": cfg,
                               "max_marginal_error": max(errors) if errors else 0.0,
                               "seconds": time.perf_counter() - start, "num_samples": num_samples}
         return self.map_fit_stats
@@ -322,7 +350,10 @@ class OTRefinement(L.LightningModule):
             if unfitted:
                 raise ValueError(f"refine='map' needs the entropic map, unfitted at AR steps {unfitted}: fit the "
                                  "refinement with model.map_pool_samples > 0 (or call OTRefinement.fit_map)")
-            return MapHook(self.entropic_map)
+            null_map = self.null_map
+            if null_map is not None and not all(null_map.fitted(k) for k in range(null_map.num_steps)):
+                null_map = None  # fitted at cfg 1: there was no null branch to fit it on (documented in null_bank)
+            return MapHook(self.entropic_map, null_map)
         return FlowRefiner(self.bank, self.flow, self._num_classes, self.mar_generator.seq_len,
                            self.hparams.seed, self.null, record_trace)
 
@@ -411,8 +442,10 @@ class OTRefinement(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with a clear message, a bank built for another generator (other width or step count)."""
         state = checkpoint.get("state_dict", {})
-        for name, value in self.entropic_map.state_dict(prefix="entropic_map.").items():
-            state.setdefault(name, value)  # a checkpoint from before the map: the map is unfitted
+        maps = {"entropic_map": self.entropic_map, "null_map": self.null_map}
+        for prefix, entropic_map in ((p, m) for p, m in maps.items() if m is not None):
+            for name, value in entropic_map.state_dict(prefix=f"{prefix}.").items():
+                state.setdefault(name, value)  # a checkpoint from before the map (or the null map): unfitted
         for name, bank in (("bank", self.bank), ("heldout", self.heldout)):
             saved = state.get(f"{name}.conditions")
             if saved is not None and tuple(saved.shape) != tuple(bank.conditions.shape):

@@ -1,5 +1,6 @@
 """Sampler hooks that refine the conditions of each AR step: the Sinkhorn flow, the entropic map, the amortised
-refiner, and the hook that fits the map on the generator's own sampling.
+refiner, the hook that fits the map on the generator's own sampling, and a chain of hooks (e.g. an injected control
+followed by a refinement).
 
 All follow :class:`~lightning_ar.nn.sampler.ConditionRefiner` and keep per-step statistics (inner-flow traces,
 seconds spent) that the caller copies into a :class:`~lightning_ar.nn.trace.GenerationTrace`.
@@ -148,15 +149,32 @@ class AmortizedHook:
 
 class MapHook:
     """Applies a fitted :class:`~lightning_ar.nn.entropic_map.EntropicMap`: each condition is refined on its own,
-    whatever else its sampling batch holds."""
+    whatever else its sampling batch holds.
 
-    def __init__(self, entropic_map: EntropicMap) -> None:
-        self.map, self.stats, self.refine_null = entropic_map, HookStats(), False
+    Args:
+        entropic_map: The conditional branch's map.
+        null_map: The CFG null branch's map (one class, fitted on null-class conditions); when given, the samplers
+            pass the null branch to :meth:`null`, so both branches of the guided prediction are refined.
+    """
+
+    def __init__(self, entropic_map: EntropicMap, null_map: EntropicMap | None = None) -> None:
+        self.map, self.null_map, self.stats = entropic_map, null_map, HookStats()
+        self.refine_null = null_map is not None
 
     @torch.no_grad()
     def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
         start = time.perf_counter()
         out = self.map(z, labels, positions, step)
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+    @torch.no_grad()
+    def null(self, z_null: Tensor, positions: Tensor, step: int) -> Tensor:
+        """Null-branch conditions ``[N, D]`` at ``positions`` ``[N]`` through the null map (unchanged without one)."""
+        if self.null_map is None:
+            return z_null
+        start = time.perf_counter()
+        out = self.null_map(z_null, torch.zeros_like(positions), positions, step)
         self.stats.seconds += time.perf_counter() - start
         return out
 
@@ -166,30 +184,41 @@ class MapFitter:
 
     Run over one large batch of the generator's own sampling, the pool of step ``k`` is produced with the fitted
     map already active at steps ``< k`` (on-policy). At most ``pool_size`` conditions per step are kept (a uniform
-    subsample, ``generator``).
+    subsample, ``generator``). With a ``null_map`` and ``null_bank`` (and guided sampling) the null branch's map is
+    fitted the same way on the null-class conditions.
 
     Args:
         entropic_map: The map to fit (its buffers are overwritten step by step).
         bank: Ideal conditions per AR step (the targets).
         pool_size: Pool points kept per step.
         generator: RNG of the subsampling.
+        null_map: The null branch's map to fit (optional).
+        null_bank: Ideal null-class conditions per AR step (with ``null_map``).
     """
 
     def __init__(self, entropic_map: EntropicMap, bank: ConditionBank, pool_size: int,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, null_map: EntropicMap | None = None,
+                 null_bank: ConditionBank | None = None) -> None:
+        if (null_map is None) != (null_bank is None):
+            raise ValueError("MapFitter needs both null_map and null_bank, or neither")
         self.map, self.bank, self.pool_size, self.generator = entropic_map, bank, pool_size, generator
-        self.refine_null, self.stats = False, HookStats()
+        self.null_map, self.null_bank = null_map, null_bank
+        self.refine_null, self.stats = null_map is not None, HookStats()
         self.marginal_errors: dict[int, float] = {}
+        self.null_marginal_errors: dict[int, float] = {}
         self.pool_sizes: dict[int, int] = {}
         self.missing_classes: dict[int, list[int]] = {}  # classes of the pool with no bank conditions (left as is)
+
+    def _keep(self, n: int, device: torch.device) -> Tensor:
+        if n <= self.pool_size:
+            return torch.arange(n, device=device)
+        rng_device = self.generator.device if self.generator is not None else "cpu"
+        return torch.randperm(n, generator=self.generator, device=rng_device)[: self.pool_size].to(device)
 
     @torch.no_grad()
     def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
         start = time.perf_counter()
-        keep = torch.arange(len(z), device=z.device)
-        if len(z) > self.pool_size:
-            device = self.generator.device if self.generator is not None else "cpu"
-            keep = torch.randperm(len(z), generator=self.generator, device=device)[: self.pool_size].to(z.device)
+        keep = self._keep(len(z), z.device)
         target = self.bank.get(step).to(z.device)
         missing = sorted(set(labels.tolist()) - set(target.labels.tolist()))
         if missing:
@@ -200,3 +229,49 @@ class MapFitter:
         out = self.map(z, labels, positions, step)
         self.stats.seconds += time.perf_counter() - start
         return out
+
+    @torch.no_grad()
+    def null(self, z_null: Tensor, positions: Tensor, step: int) -> Tensor:
+        """Fit the null map of ``step`` on the null-branch conditions ``[N, D]``, then apply it."""
+        start = time.perf_counter()
+        keep, zeros = self._keep(len(z_null), z_null.device), torch.zeros_like(positions)
+        pool = LabelledConditions(z_null[keep], zeros[keep], positions[keep])
+        self.null_marginal_errors[step] = self.null_map.fit_step(step, pool, self.null_bank.get(step).to(z_null.device))
+        out = self.null_map(z_null, zeros, positions, step)
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+
+class ChainedHooks:
+    """Applies several sampler hooks in order at every AR step (e.g. an injected control of
+    :mod:`lightning_ar.nn.controls`, then a refinement: the refinement sees the defective conditions).
+
+    The null branch is passed through the hooks that refine it. ``stats.seconds`` is the time spent in the hooks
+    after the first (the refinement's share when the first is a control).
+
+    Args:
+        hooks: Hooks following :class:`~lightning_ar.nn.sampler.ConditionRefiner`; ``None`` entries are skipped.
+    """
+
+    def __init__(self, *hooks) -> None:
+        self.hooks = [h for h in hooks if h is not None]
+        if not self.hooks:
+            raise ValueError("ChainedHooks needs at least one hook")
+        self.refine_null = any(h.refine_null for h in self.hooks)
+        self.stats = HookStats()
+
+    def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
+        """Conditions ``z`` ``[N, D]`` of AR step ``step`` through every hook in order -> ``[N, D]``."""
+        z = self.hooks[0](z, labels, positions, step)
+        start = time.perf_counter()
+        for hook in self.hooks[1:]:
+            z = hook(z, labels, positions, step)
+        self.stats.seconds += time.perf_counter() - start
+        return z
+
+    def null(self, z_null: Tensor, positions: Tensor, step: int) -> Tensor:
+        """Null-branch conditions ``[N, D]`` through the hooks that refine the null branch."""
+        for hook in self.hooks:
+            if hook.refine_null:
+                z_null = hook.null(z_null, positions, step)
+        return z_null

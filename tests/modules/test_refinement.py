@@ -239,3 +239,69 @@ def test_map_mode_needs_a_fitted_map(gmm_generator: Path) -> None:
     module = OTRefinement(str(gmm_generator), map_pool_samples=0)
     with pytest.raises(ValueError, match="refine='map' needs the entropic map"):
         module.generate(torch.arange(2), refine="map")
+
+
+
+class _StepCounter:
+    refine_null = False
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def __call__(self, z, labels, positions, step):
+        self.steps.append(step)
+        return z
+
+
+def test_map_fitted_under_an_injected_bias_removes_most_of_it(refined) -> None:
+    """``fit_map(upstream=control)`` fits the map to a generator with that defect: it takes most of an injected mean
+    bias out again (positive control of the map's correction), more than the map fitted without the defect."""
+    from lightning_ar import ChainedHooks, ConditionStats, MeanBias
+    from lightning_ar.nn.refiners import MapHook
+
+    clean_module, module = refined[0], copy.deepcopy(refined[0])
+    clean = GenerationTrace()
+    module.generate(torch.arange(4).repeat(64), refine="none", trace=clean, generator=torch.Generator().manual_seed(5),
+                    progress=False)
+    bias = MeanBias(ConditionStats.from_traces([clean], 4, 16), start_step=0, scale=1.0, seed=3)
+    counter = _StepCounter()
+    module.fit_map(512, seed=0, upstream=ChainedHooks(bias, counter))
+    assert counter.steps == [0, 1, 2, 3]  # the fitter saw every step through the upstream hooks
+    z, labels, positions = module.heldout.get(2)
+    injected = bias(z, labels, positions, 2)
+    shift = (injected - z).mean(0).norm()
+    refit = (MapHook(module.entropic_map)(injected, labels, positions, 2) - z).mean(0).norm()
+    unaware = (MapHook(clean_module.entropic_map)(injected, labels, positions, 2) - z).mean(0).norm()
+    assert refit < 0.35 * shift, (refit / shift, unaware / shift)
+    assert refit < unaware, (refit / shift, unaware / shift)
+
+
+def test_map_refines_the_null_branch_when_fitted_at_cfg_above_one(gmm_generator: Path, tmp_path) -> None:
+    """``null_bank: true`` + the map: fitted at ``map_cfg`` 3, a second (one-class) map refines the CFG null branch
+    (batch-independent, kept in the checkpoint); fitted at cfg 1 there is no null branch and it stays off."""
+    dm = LatentDataModule("gmm", batch_size=128)
+    common = dict(bank_capacity=1024, heldout_capacity=256, teacher_passes=2, map_pool_samples=256,
+                  map_pool_size=1024, null_bank=True)
+    module = OTRefinement(str(gmm_generator), dm.latent_shape, dm.num_classes, dm.latent_scale, map_cfg=3.0, **common)
+    _trainer(tmp_path, max_epochs=1, limit_train_batches=4, limit_val_batches=2).fit(module, dm)
+    stats = module.map_fit_stats
+    assert stats["cfg"] == 3.0 and sorted(stats["null_marginal_errors"]) == [0, 1, 2, 3]
+    assert max(stats["null_marginal_errors"].values()) < 5e-2
+    hook = module._hook("map")
+    assert hook.refine_null
+    z, _, positions = module.null.get(2)
+    alone = torch.cat([hook.null(z[i: i + 1], positions[i: i + 1], 2) for i in range(32)])
+    batch = hook.null(z[:32], positions[:32], 2)
+    assert torch.allclose(alone, batch, atol=1e-5) and not torch.allclose(batch, z[:32], atol=1e-3)
+    latents = module.generate(torch.arange(4).repeat(2), refine="map", cfg=3.0, progress=False,
+                              generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(latents).all()
+    trainer = _trainer(tmp_path, max_epochs=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "refine.ckpt")
+    loaded = OTRefinement.load_from_checkpoint(tmp_path / "refine.ckpt")
+    assert torch.allclose(loaded._hook("map").null(z[:32], positions[:32], 2), batch)
+    # negative control: the same module fitted at cfg 1 has no null branch to fit on
+    module.null_map.status.zero_()
+    module.fit_map(256, cfg=1.0)
+    assert module.map_fit_stats["null_marginal_errors"] == {} and not module._hook("map").refine_null

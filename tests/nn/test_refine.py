@@ -289,3 +289,56 @@ def test_flow_rejects_bad_solver_options(option: str, value: float) -> None:
     x, y = torch.randn(6, 3), torch.randn(8, 3)
     with pytest.raises(ValueError, match=f"{option} must be"):
         sinkhorn_flow(x, y, steps=1, **{option: value}, record_trace=False)
+
+
+class _Recorder:
+    """A hook that adds ``shift`` and records the conditions it was handed (and the null branch if asked)."""
+
+    def __init__(self, shift: float, refine_null: bool = False) -> None:
+        self.shift, self.refine_null, self.seen = shift, refine_null, []
+
+    def __call__(self, z, labels, positions, step):
+        self.seen.append(z.clone())
+        return z + self.shift
+
+    def null(self, z_null, positions, step):
+        return z_null * 2
+
+
+def test_chained_hooks_apply_in_order_and_pass_the_null_branch_to_those_that_refine_it() -> None:
+    from lightning_ar import ChainedHooks
+
+    first, second = _Recorder(1.0), _Recorder(10.0, refine_null=True)
+    chain = ChainedHooks(first, None, second)
+    z = torch.zeros(3, 2)
+    out = chain(z, torch.zeros(3, dtype=torch.long), torch.arange(3), 0)
+    assert torch.equal(out, torch.full((3, 2), 11.0))
+    assert torch.equal(second.seen[0], torch.ones(3, 2))  # the second hook sees the first one's output
+    assert chain.refine_null and torch.equal(chain.null(torch.ones(2, 2), torch.arange(2), 0), torch.full((2, 2), 2.0))
+    assert not ChainedHooks(first).refine_null
+    with pytest.raises(ValueError, match="at least one hook"):
+        ChainedHooks(None)
+
+
+def test_the_trace_carries_each_steps_refinement_time() -> None:
+    """Both samplers record the seconds spent in the refiner per AR step (0 at every step without one)."""
+    import time
+
+    from lightning_ar import CausalARGenerator, GenerationTrace, MARGenerator
+
+    class Slow:
+        refine_null = False
+
+        def __call__(self, z, labels, positions, step):
+            time.sleep(0.01)
+            return z
+
+    small = dict(width=32, encoder_depth=1, decoder_depth=1, num_heads=2, head_width=32, head_depth=1,
+                 num_sampling_steps=2, patch_size=1)
+    for model in (MARGenerator((2, 2, 2), 2, num_iter=2, **small), CausalARGenerator((2, 2, 2), 2, **small)):
+        timed, plain = GenerationTrace(), GenerationTrace()
+        model.generate(torch.arange(2), trace=timed, refiner=Slow(), progress=False)
+        model.generate(torch.arange(2), trace=plain, progress=False)
+        assert all(rec.refine_seconds >= 0.01 for rec in timed.steps), type(model).__name__
+        assert timed.refine_seconds >= 0.01 * len(timed.steps)
+        assert plain.refine_seconds == 0.0
