@@ -151,7 +151,7 @@ def markdown(summary: dict) -> str:
     lines += [f"- **{k}**: {v}" for k, v in summary["criteria"].items()]
     for name, row in summary["controls"].items():
         fit = row["map_refit_fit"]
-        lines += ["", f"## {name}: injected late-step KL excess {ci(row['injected'])}", "",
+        lines += ["", f"## {name}: late-step KL, control - clean {ci(row['injected'])}", "",
                   f"map_refit: fitted on {fit['num_samples']} sequences of the defective generator in "
                   f"{fit['seconds']:.0f} s, max L1 marginal error {fit['max_marginal_error']:.1e}.", "",
                   "| mode | late KL | gain over the control alone | recovered fraction | verdict |",
