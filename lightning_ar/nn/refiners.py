@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -25,6 +26,9 @@ from lightning_ar.nn.refine import (
     sinkhorn_divergence,
 )
 from lightning_ar.seeding import seeded_generator
+
+if TYPE_CHECKING:
+    from lightning_ar.nn.sampler import ConditionRefiner
 
 
 @dataclass(frozen=True)
@@ -253,7 +257,7 @@ class ChainedHooks:
         hooks: Hooks following :class:`~lightning_ar.nn.sampler.ConditionRefiner`; ``None`` entries are skipped.
     """
 
-    def __init__(self, *hooks) -> None:
+    def __init__(self, *hooks: ConditionRefiner | None) -> None:
         self.hooks = [h for h in hooks if h is not None]
         if not self.hooks:
             raise ValueError("ChainedHooks needs at least one hook")
