@@ -256,18 +256,25 @@ def _cell(values: list[float]) -> str:
     return f"{v.mean():.4g} ± {v.std(ddof=1) if v.size > 1 else 0.0:.2g}"
 
 
+def _summary_cell(row: dict, metric: str) -> str:
+    """``mean ± std`` of one metric of a summary row; ``-`` when the run did not record it (older tables)."""
+    if f"{metric}_mean" not in row:
+        return "-"
+    return f"{row[f'{metric}_mean']:.4g} ± {row[f'{metric}_std']:.2g}"
+
+
 def _levels_table(summary: dict, settings: dict, analysis: dict) -> list[str]:
     timing = settings.get("timing_valid", True)
     samplers = settings.get("samplers") or {}
-    names = ["digits-FID (test)", "KID (test)", "cond. accuracy", "copy fraction", "nn ratio"]
+    split = "test" if settings.get("fid_reference") == "test" else "train split"
+    names = [f"digits-FID ({split})", f"KID ({split})", "cond. accuracy", "copy fraction", "nn ratio"]
     head = "| variant | " + " | ".join(names) + (" | sec / image" if timing else "") + " | sampler |"
     lines = [head, "|---" * (len(names) + 2 + timing) + "|"]
     for row in ROWS:
         if analysis:
             cells = [_cell(analysis["levels"][row][m]) for m in SAMPLE_METRICS]
         else:  # no saved samples: the test runs' own figures
-            cells = [f"{summary[row][f'{m}_mean']:.4g} ± {summary[row][f'{m}_std']:.2g}" for m in METRICS[:3]]
-            cells += ["-", "-"]
+            cells = [_summary_cell(summary[row], m) for m in METRICS[:3]] + ["-", "-"]
         if timing:
             cells.append(f"{summary[row]['sec_per_image_mean']:.4g} ± {summary[row]['sec_per_image_std']:.2g}")
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {samplers.get(row, '?')} |")
@@ -291,6 +298,17 @@ def _comparison_lines(analysis: dict) -> list[str]:
     return lines
 
 
+def _reference_text(settings: dict, summary: dict) -> str:
+    """What digits-FID was computed against: the test split (tables that record ``fid_reference``), or, for tables
+    from before 2026-12-01 (no record), the training split, whose floor is lower."""
+    if settings.get("fid_reference") == "test":
+        return ("digits-FID and KID in the features of the digits classifier, generated samples (one per test label) "
+                "against the unseen test split; floor: the real val split (180 images) against the test split (180)")
+    floor = next((r["fid_floor"] for r in summary.values() if "fid_floor" in r), float("nan"))
+    return ("digits-FID in the features of the digits classifier against the TRAINING split (a table from before "
+            f"2026-12-01, which records no fid_reference; floor {floor:.2f}); not comparable with test-split figures")
+
+
 def format_markdown(summary: dict[str, dict[str, float]], settings: dict, analysis: dict | None = None) -> str:
     """The table (mean ± std over seeds per variant, the floors) and, with an ``analysis``, the paired comparisons."""
     analysis = analysis or {}
@@ -301,9 +319,8 @@ def format_markdown(summary: dict[str, dict[str, float]], settings: dict, analys
         f"generator overlay: {settings.get('generator_overlay') or 'none'}; "
         f"refine overlay: {settings['refine_overlay'] or 'none'}; code: {settings.get('commit', '?')}"
         + (f" (analysis: {settings['analysis_commit']})" if settings.get("analysis_commit") else "") + ". "
-        "Mean ± std over seeds. digits-FID and KID in the features of the digits classifier, generated samples (one "
-        "per test label) against the unseen test split; floor: the real val split (180 images) against the test "
-        "split (180)" + (f"; {analysis['num_samples']} generated samples per variant and seed." if analysis else "."),
+        "Mean ± std over seeds. " + _reference_text(settings, summary)
+        + (f"; {analysis['num_samples']} generated samples per variant and seed." if analysis else "."),
         "",
         *_levels_table(summary, settings, analysis),
         "",
@@ -410,7 +427,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {"seeds": opts.seeds, "max_steps": opts.max_steps, "generator_overlay": opts.generator_overlay,
                 "refine_overlay": opts.refine_overlay,
                 "limit_test_batches": opts.limit_test_batches, "refine_row": REFINE_ROW, "jobs": opts.jobs,
-                "commit": _commit(), "samplers": row_samplers(Path(opts.configs)), "timing_valid": not opts.no_timing}
+                "commit": _commit(), "samplers": row_samplers(Path(opts.configs)), "timing_valid": not opts.no_timing,
+                "fid_reference": "test"}
     start = time.perf_counter()
     global _SLOTS
     _SLOTS = threading.BoundedSemaphore(opts.jobs)

@@ -254,6 +254,16 @@ def test_paper_table_summary_and_options(tmp_path: Path) -> None:
     assert "sec / image" not in md.read_text() and "not valid" in md.read_text()
 
 
+def test_paper_table_renders_the_committed_older_table_as_training_split_figures() -> None:
+    """The 2026-11-29 table (no KID, digits-FID against the training split, no ``fid_reference``) renders (notebook 04
+    reads it) and says which split its FID was computed against; a table of today's runs says the test split."""
+    pt = _paper_table()
+    table = json.loads((REPO / "benchmarks" / "results" / "paper-table-digits-2026-11-29.json").read_text())
+    text = pt.format_markdown(table["summary"], table["settings"], table.get("analysis"))
+    assert "TRAINING split" in text and "digits-FID (train split)" in text and "| MAR | 16.01 ± 1.1 | - |" in text
+    assert "unseen test split" in pt.format_markdown(table["summary"], {**table["settings"], "fid_reference": "test"})
+
+
 def test_paper_table_compares_paired_from_the_saved_samples(tmp_path: Path) -> None:
     """Rows with known relations: identical rows differ by exactly 0, noise loses to real digits, copies copy."""
     from lightning_ar.data.sources import DigitsSource
