@@ -17,13 +17,14 @@ also runs the four injected controls, and R0 a secondary row at cfg 3. ``summari
 ``condition_error_summary.py``) pools the seeds with a paired hierarchical bootstrap and judges the criteria that
 ``condition_error_summary.CRITERIA`` pre-registers.
 
-    nice -n 10 python benchmarks/condition_error_study.py --jobs 2                 # the committed tier
-    nice -n 10 python benchmarks/condition_error_study.py --tier core --jobs 2     # R0, R1, CDM, AR (~65 min)
+    nice -n 10 python benchmarks/condition_error_study.py --jobs 2                 # the committed tier (127 CPU-min)
+    nice -n 10 python benchmarks/condition_error_study.py --tier core --jobs 2     # R0, R1, CDM, AR only
     nice -n 10 python benchmarks/condition_error_study.py --tier quick --jobs 2    # minutes: a smoke run
 
 Resumable: every finished stage leaves a ``.done`` marker in ``--out`` and is skipped when rerun (delete a run's folder
 to redo it). The full tier writes ``condition-error-study-gmm.{json,md,png}`` to ``--results`` (default
-``benchmarks/results``), the core tier ``condition-error-study-gmm-core.*`` there; the quick tier to ``--out`` only.
+``benchmarks/results``; committed: the run of 2026-12-02), the core tier ``condition-error-study-gmm-core.*`` there; the
+quick tier to ``--out`` only.
 """
 
 from __future__ import annotations

@@ -392,11 +392,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool-samples", type=int, default=8192)
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=("R0", "R1", "R2", "R3", "R4"))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), choices=SEEDS)
     parser.add_argument("--summarise-only", action="store_true")
     opts = parser.parse_args(argv)
     out, runs = Path(opts.out), Path(opts.runs)
     if not opts.summarise_only:
-        tasks = [(r, s) for s in SEEDS for r in opts.regimes]
+        tasks = [(r, s) for s in opts.seeds for r in opts.regimes]
         with ProcessPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
             futures = [pool.submit(run_one, r, s, runs, out, opts.pool_samples, opts.samples) for r, s in tasks]
             for f in futures:
