@@ -277,7 +277,8 @@ def sample_causal_tokens(
             z_all = model.step(ordered[:, i - 1].repeat(2 if guided else 1, 1), i - 1, cache)
         z_raw, z_null = z_all.chunk(2) if guided else (z_all, None)  # (B, W) each
         z, z_null, seconds = refine_conditions_of_step(refiner, z_raw, z_null, labels,
-                                                       model.order[i].expand(labels.shape[0]), i)
+                                                       model.order[i].expand(labels.shape[0]), i,
+                                                       timed=trace is not None)
         cfg_i = cfg_at_step(cfg, cfg_schedule, seq_len - 1 - i, seq_len)
         ordered[:, i] = head.sample(z, z_null, options, cfg=cfg_i, generator=generator)
         if trace is not None:

@@ -45,21 +45,25 @@ def cfg_at_step(cfg: float, schedule: CfgSchedule, num_masked_after: int, seq_le
 
 
 def refine_conditions_of_step(refiner: ConditionRefiner | None, z: Tensor, z_null: Tensor | None, labels: Tensor,
-                              positions: Tensor, step: int) -> tuple[Tensor, Tensor | None, float]:
+                              positions: Tensor, step: int, timed: bool = True) -> tuple[Tensor, Tensor | None, float]:
     """Apply a refinement hook to one step's conditional ``z`` ``[N, D]`` (and, if it asks for it, null ``z_null``
     ``[N, D]``) conditions of classes ``labels`` ``[N]`` at ``positions`` ``[N]``.
 
     Returns:
-        ``(z, z_null, seconds)``: the refined conditions and the wall time spent in the hook (0 without one; on CUDA
-        the device is synchronised before and after, so queued work is not attributed to it).
+        ``(z, z_null, seconds)``: the refined conditions and the wall time spent in the hook (0 without one or with
+        ``timed=False``; when timed on CUDA the device is synchronised before and after, so queued work is not
+        attributed to it: the samplers time only when they record a trace, so plain sampling never synchronises).
     """
     if refiner is None:
         return z, z_null, 0.0
-    _sync(z.device)
+    if timed:
+        _sync(z.device)
     start = time.perf_counter()
     z = refiner(z, labels, positions, step)
     if z_null is not None and refiner.refine_null:
         z_null = refiner.null(z_null, positions, step)
+    if not timed:
+        return z, z_null, 0.0
     _sync(z.device)
     return z, z_null, time.perf_counter() - start
 
@@ -125,7 +129,7 @@ def sample_tokens(
         z_raw = z[to_pred]  # (B*n, D)
         z_k, z_null_k, seconds = refine_conditions_of_step(
             refiner, z_raw, z_null[to_pred] if z_null is not None else None, labels.repeat_interleave(n),
-            positions.reshape(-1), k)
+            positions.reshape(-1), k, timed=trace is not None)
         cfg_k = cfg_at_step(cfg, cfg_schedule, schedule[k], seq_len)
         sampled = head.sample(z_k, z_null_k, options, cfg=cfg_k, generator=generator)
         tokens[to_pred] = sampled.to(tokens.dtype)
