@@ -1,10 +1,12 @@
-"""The paper's comparison at small scale: CDM, MAR, MAR+OT, AR, AR+OT on digits, several seeds, one table.
+"""The paper's comparison at small scale: CDM, MAR, MAR-m0, MAR+OT, AR, AR+OT on digits, several seeds, one table.
 
 Every variant goes through the ``lightning-ar`` CLI (one subprocess per stage) with the shipped configs, under the
 same budget: ``configs/digits/{cdm,mar,ar}.yaml`` are matched in parameters, optimizer, EMA, batch size and optimizer
 steps, and the two OT rows refine the MAR and AR checkpoints of the same seed with ``configs/digits/refine.yaml`` and
-``refine_ar.yaml`` (mode ``flow``). Each test run generates one sample per test-split label (GenerationMetrics, which
-saves the samples) and reports digits-FID and KID against the unseen test split, conditional accuracy and sampling
+``refine_ar.yaml`` (mode ``flow``). ``MAR-m0`` is the training-time competitor of the refinement: ``mar.yaml`` with
+``mask_ratio_min 0``, so that training sees the large contexts late sampling steps use (fixed before the run, as
+on gmm regime R1; not tuned on digits). Each test run generates one sample per test-split label (GenerationMetrics,
+which saves the samples) and reports digits-FID and KID against the unseen test split, conditional accuracy and sampling
 seconds per image. From the saved samples the table adds the memorisation figures (nearest-training-image distances)
 and compares variants **paired**: per seed (same seeds, same labels) differences of each metric, averaged over seeds,
 with a two-level bootstrap CI (seeds, then samples with the same indices for both variants); an ordering "holds" only
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -39,9 +42,11 @@ import yaml
 from lightning_ar.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
-GENERATORS = {"CDM": "cdm.yaml", "MAR": "mar.yaml", "AR": "ar.yaml"}
+REMEDY = "MAR-m0"  # the training-time remedy (issue 15 item 6): MAR trained with mask_ratio_min 0, all else equal
+GENERATORS = {"CDM": "cdm.yaml", "MAR": "mar.yaml", REMEDY: "mar.yaml", "AR": "ar.yaml"}
+GENERATOR_ARGS = {REMEDY: ["--model.init_args.mask_ratio_min", "0"]}  # row -> extra CLI options (fit and test)
 REFINED = {"MAR+OT": ("MAR", ("refine.yaml",)), "AR+OT": ("AR", ("refine.yaml", "refine_ar.yaml"))}
-ROWS = ("CDM", "MAR", "MAR+OT", "AR", "AR+OT")
+ROWS = ("CDM", "MAR", REMEDY, "MAR+OT", "AR", "AR+OT")
 METRICS = ("fid", "kid", "cond_acc", "sec_per_image")
 SAMPLE_METRICS = ("fid", "kid", "cond_acc", "copy_fraction", "nn_ratio")  # recomputed from the saved samples
 # (a, b, what the paper reports): "a is better than b", judged on digits-FID (KID beside it); pre-registered
@@ -50,6 +55,9 @@ CLAIMS = (
     ("AR", "CDM", "CDM is worse than AR (paper: 3.26 vs 2.02)"),
     ("MAR+OT", "MAR", "OT refinement improves MAR (paper: 1.55 -> 1.31 for MAR-H)"),
     ("AR+OT", "AR", "OT refinement improves AR (paper: 2.02 -> 1.52)"),
+    (REMEDY, "MAR", "training on every context size (mask_ratio_min 0) improves MAR (gmm R1: it lowers the exact "
+                    "sequence excess NLL)"),
+    (REMEDY, "MAR+OT", "the training-time remedy beats the OT refinement"),
 )
 CLAIM_SIGN = {"fid": "negative", "kid": "negative", "cond_acc": "positive", "copy_fraction": "positive",
               "nn_ratio": "negative"}  # the side each difference a - b takes if a is better / copies more
@@ -77,6 +85,11 @@ def _cli(args: list[str], log: Path) -> None:
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise RuntimeError(f"lightning-ar {args[0]} failed (exit {done.returncode}), log {log}:\n{tail}")
     atomic_write_text(done_marker, " ".join(args) + "\n")
+
+
+def folder(row: str) -> str:
+    """A row's folder under ``seed<k>/``: lower case, other runs of characters as ``_`` (``MAR+OT`` -> ``mar_ot``)."""
+    return re.sub(r"[^a-z0-9]+", "_", row.lower()).strip("_")
 
 
 def _run_args(stage: str, configs: list[Path], root: Path, name: str, version: str, extra: list[str]) -> list[str]:
@@ -111,9 +124,10 @@ def _parallel(tasks: list, jobs: int) -> list:
 def _generator_task(row: str, seed: int, opts: argparse.Namespace) -> Callable[[], Path]:
     """Fit one generator row for ``seed``; returns its checkpoint."""
     root, configs = Path(opts.out) / f"seed{seed}", Path(opts.configs)
-    name = row.lower()
+    name = folder(row)
     cfgs = [configs / GENERATORS[row], *([Path(opts.generator_overlay)] if opts.generator_overlay else [])]
-    extra = ["--seed_everything", str(seed)] + (["--trainer.max_steps", str(opts.max_steps)] if opts.max_steps else [])
+    extra = ["--seed_everything", str(seed), *GENERATOR_ARGS.get(row, [])]
+    extra += ["--trainer.max_steps", str(opts.max_steps)] if opts.max_steps else []
 
     def fit() -> Path:
         _cli(_run_args("fit", cfgs, root, name, "fit", extra), root / f"{name}_fit.log")
@@ -126,16 +140,16 @@ def _row_configs(row: str, opts: argparse.Namespace) -> tuple[str, list[Path]]:
     configs = Path(opts.configs)
     if row in GENERATORS:
         overlay = [Path(opts.generator_overlay)] if opts.generator_overlay else []
-        return row.lower(), [configs / GENERATORS[row], *overlay]
+        return folder(row), [configs / GENERATORS[row], *overlay]
     overlay = [Path(opts.refine_overlay)] if opts.refine_overlay else []
-    return row.lower().replace("+", "_"), [*(configs / name for name in REFINED[row][1]), *overlay]
+    return folder(row), [*(configs / name for name in REFINED[row][1]), *overlay]
 
 
 def _test_task(row: str, seed: int, ckpt: Path, opts: argparse.Namespace) -> Callable[[], dict]:
     """Test one row's checkpoint for ``seed``; returns its results.json."""
     root = Path(opts.out) / f"seed{seed}"
     name, cfgs = _row_configs(row, opts)
-    extra = ["--seed_everything", str(seed), "--ckpt_path", str(ckpt)]
+    extra = ["--seed_everything", str(seed), "--ckpt_path", str(ckpt), *GENERATOR_ARGS.get(row, [])]
     extra += [f"--trainer.limit_test_batches={opts.limit_test_batches}"] if opts.limit_test_batches else []
 
     def test() -> dict:
@@ -189,7 +203,7 @@ def summarise(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dic
     """``row -> {metric_mean, metric_std, ...}`` over seeds from the test runs' results (std with ``ddof=1``; 0 for
     one seed; NaN for a metric a run did not report)."""
     summary = {}
-    for row in ROWS:
+    for row in [r for r in ROWS if all(r in rows for rows in per_seed.values())]:  # older tables lack later rows
         values = {m: np.array([per_seed[s][row].get(m, np.nan) for s in per_seed], dtype=float) for m in METRICS}
         summary[row] = {"num_seeds": len(per_seed)}
         for metric, v in values.items():
@@ -203,20 +217,24 @@ def summarise(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dic
 
 def sample_file(out: Path, seed: int, row: str) -> tuple[Path, str]:
     """Where a row's test run saved its samples, and the variant key inside the file."""
-    name = row.lower().replace("+", "_")
-    return out / f"seed{seed}" / name / "test" / "samples.pt", "default" if row in GENERATORS else REFINE_ROW
+    return out / f"seed{seed}" / folder(row) / "test" / "samples.pt", "default" if row in GENERATORS else REFINE_ROW
 
 
 def _load_samples(out: Path, seeds: list[int], classifier, ref) -> dict[str, list]:
     from lightning_ar.metrics.digits_paired import DigitsSamples
 
     samples: dict[str, list] = {}
-    for row in ROWS:
+    for row in _rows_with_samples(out, seeds):
         for seed in seeds:
             path, variant = sample_file(out, seed, row)
             saved = torch.load(path, map_location="cpu", weights_only=True)[variant]
             samples.setdefault(row, []).append(DigitsSamples.build(saved["latents"], saved["labels"], classifier, ref))
     return samples
+
+
+def _rows_with_samples(out: Path, seeds: list[int]) -> list[str]:
+    """The rows of :data:`ROWS` whose test runs saved samples for every seed (older tables lack later rows)."""
+    return [row for row in ROWS if all(sample_file(out, seed, row)[0].is_file() for seed in seeds)]
 
 
 def analyse(out: Path, seeds: list[int], reps: int = BOOTSTRAP_REPS) -> dict:
@@ -231,16 +249,17 @@ def analyse(out: Path, seeds: list[int], reps: int = BOOTSTRAP_REPS) -> dict:
     from lightning_ar.metrics.digits_classifier import load_or_train_digits_classifier
     from lightning_ar.metrics.digits_paired import DigitsReference, DigitsSamples, compare, paired_seed_differences
 
-    if not all(sample_file(out, seed, row)[0].is_file() for seed in seeds for row in ROWS):
+    rows = _rows_with_samples(out, seeds)
+    if "MAR" not in rows:
         return {}
     classifier = load_or_train_digits_classifier()
     ref = DigitsReference.build(classifier)
     samples = _load_samples(out, seeds, classifier, ref)
     val, val_labels = DigitsSource().split("val")
     floor = DigitsSamples.build(val, val_labels, classifier, ref)
-    levels = {row: {m: [x.metric(m, ref) for x in samples[row]] for m in SAMPLE_METRICS} for row in ROWS}
+    levels = {row: {m: [x.metric(m, ref) for x in samples[row]] for m in SAMPLE_METRICS} for row in rows}
     comparisons = []
-    for a, b, text in CLAIMS:
+    for a, b, text in [claim for claim in CLAIMS if claim[0] in rows and claim[1] in rows]:
         per_metric = {}
         for m in SAMPLE_METRICS:
             result = compare(samples[a], samples[b], m, ref, CLAIM_SIGN[m], reps).to_dict()
@@ -270,7 +289,7 @@ def _levels_table(summary: dict, settings: dict, analysis: dict) -> list[str]:
     names = [f"digits-FID ({split})", f"KID ({split})", "cond. accuracy", "copy fraction", "nn ratio"]
     head = "| variant | " + " | ".join(names) + (" | sec / image" if timing else "") + " | sampler |"
     lines = [head, "|---" * (len(names) + 2 + timing) + "|"]
-    for row in ROWS:
+    for row in [r for r in ROWS if r in summary]:
         if analysis:
             cells = [_cell(analysis["levels"][row][m]) for m in SAMPLE_METRICS]
         else:  # no saved samples: the test runs' own figures
@@ -319,7 +338,8 @@ def format_markdown(summary: dict[str, dict[str, float]], settings: dict, analys
         f"generator overlay: {settings.get('generator_overlay') or 'none'}; "
         f"refine overlay: {settings['refine_overlay'] or 'none'}; code: {settings.get('commit', '?')}"
         + (f" (analysis: {settings['analysis_commit']})" if settings.get("analysis_commit") else "") + ". "
-        "Mean ± std over seeds. " + _reference_text(settings, summary)
+        "Mean ± std over seeds. " + (f"{REMEDY}: MAR trained with mask_ratio_min 0 (MAR: 0.7). " if REMEDY in summary
+                                     else "") + _reference_text(settings, summary)
         + (f"; {analysis['num_samples']} generated samples per variant and seed." if analysis else "."),
         "",
         *_levels_table(summary, settings, analysis),

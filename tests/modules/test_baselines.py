@@ -242,11 +242,11 @@ def test_paper_table_summary_and_options(tmp_path: Path) -> None:
                             tmp_path)
     summary = json.loads(js.read_text())["summary"]
     assert summary["CDM"]["fid_mean"] == pytest.approx(11.0) and summary["CDM"]["fid_std"] == pytest.approx(2**0.5)
-    assert summary["AR+OT"]["fid_mean"] == pytest.approx(15.0)
-    assert "| MAR+OT | 13 ± 1.4 |" in md.read_text()
+    assert summary["AR+OT"]["fid_mean"] == pytest.approx(16.0)
+    assert "| MAR+OT | 14 ± 1.4 |" in md.read_text()
     pt.main(["--render", str(js)])  # re-render with the samplers read from the shipped configs
     text = md.read_text()
-    assert "| MAR+OT | 13 ± 1.4 |" in text and text.count("| ddpm-10 |") == 3 and text.count("| ddpm-100 |") == 2
+    assert "| MAR+OT | 14 ± 1.4 |" in text and text.count("| ddpm-10 |") == 4 and text.count("| ddpm-100 |") == 2
     for bad in (["--seeds", "0"], ["--max-steps", "0"], ["--configs", str(tmp_path)], ["--bootstrap", "1"]):
         with pytest.raises(SystemExit):
             pt.parse_args(bad)
@@ -274,7 +274,7 @@ def test_paper_table_compares_paired_from_the_saved_samples(tmp_path: Path) -> N
     train, _ = source.split("train")
     _, labels = source.split("test")
     noise = torch.rand(180, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    images = {"CDM": noise, "MAR": val, "MAR+OT": val, "AR": train[:180], "AR+OT": train[180:360]}
+    images = {"CDM": noise, "MAR": val, "MAR-m0": val, "MAR+OT": val, "AR": train[:180], "AR+OT": train[180:360]}
     for seed in (0, 1):
         for row, x in images.items():
             path, variant = pt.sample_file(tmp_path, seed, row)
@@ -292,6 +292,23 @@ def test_paper_table_compares_paired_from_the_saved_samples(tmp_path: Path) -> N
                            analysis)
     text = md.read_text()
     assert "| MAR+OT - MAR | fid | +0, +0 | +0 |" in text and "| real val split (floor) |" in text
+
+
+def test_paper_table_trains_and_tests_the_remedy_row_with_mask_ratio_min_0(tmp_path: Path, monkeypatch) -> None:
+    """MAR-m0 is mar.yaml plus ``mask_ratio_min 0`` in both its fit and its test run, with the seed of the other
+    rows (so that it is paired with MAR); MAR itself gets no such option."""
+    pt = _paper_table()
+    calls = []
+    monkeypatch.setattr(pt, "_cli", lambda args, log: calls.append(args))
+    monkeypatch.setattr(pt, "_test_results", lambda root, name, version: {})
+    opts = pt.parse_args(["--out", str(tmp_path)])
+    for row in ("MAR", pt.REMEDY):
+        ckpt = pt._generator_task(row, 1, opts)()
+        pt._test_task(row, 1, ckpt, opts)()
+    (mar_fit, mar_test, m0_fit, m0_test) = [" ".join(c) for c in calls]
+    assert "mask_ratio_min" not in mar_fit + mar_test and "/seed1/mar_m0/fit/checkpoints/last.ckpt" in m0_test
+    for cmd in (m0_fit, m0_test):
+        assert "--model.init_args.mask_ratio_min 0" in cmd and "--seed_everything 1" in cmd and "mar.yaml" in cmd
 
 
 def test_paper_table_skips_finished_runs_and_marks_only_successes(tmp_path: Path) -> None:
