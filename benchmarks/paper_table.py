@@ -203,7 +203,7 @@ def summarise(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dic
     """``row -> {metric_mean, metric_std, ...}`` over seeds from the test runs' results (std with ``ddof=1``; 0 for
     one seed; NaN for a metric a run did not report)."""
     summary = {}
-    for row in [r for r in ROWS if all(r in rows for rows in per_seed.values())]:  # older tables lack later rows
+    for row in table_rows(per_seed):
         values = {m: np.array([per_seed[s][row].get(m, np.nan) for s in per_seed], dtype=float) for m in METRICS}
         summary[row] = {"num_seeds": len(per_seed)}
         for metric, v in values.items():
@@ -220,11 +220,16 @@ def sample_file(out: Path, seed: int, row: str) -> tuple[Path, str]:
     return out / f"seed{seed}" / folder(row) / "test" / "samples.pt", "default" if row in GENERATORS else REFINE_ROW
 
 
-def _load_samples(out: Path, seeds: list[int], classifier, ref) -> dict[str, list]:
+def table_rows(per_seed: dict) -> list[str]:
+    """The rows of :data:`ROWS` that every seed of a table has (tables before 2026-12-02 have no MAR-m0 row)."""
+    return [row for row in ROWS if all(row in rows for rows in per_seed.values())]
+
+
+def _load_samples(out: Path, seeds: list[int], rows: list[str], classifier, ref) -> dict[str, list]:
     from lightning_ar.metrics.digits_paired import DigitsSamples
 
     samples: dict[str, list] = {}
-    for row in _rows_with_samples(out, seeds):
+    for row in rows:
         for seed in seeds:
             path, variant = sample_file(out, seed, row)
             saved = torch.load(path, map_location="cpu", weights_only=True)[variant]
@@ -232,13 +237,9 @@ def _load_samples(out: Path, seeds: list[int], classifier, ref) -> dict[str, lis
     return samples
 
 
-def _rows_with_samples(out: Path, seeds: list[int]) -> list[str]:
-    """The rows of :data:`ROWS` whose test runs saved samples for every seed (older tables lack later rows)."""
-    return [row for row in ROWS if all(sample_file(out, seed, row)[0].is_file() for seed in seeds)]
-
-
-def analyse(out: Path, seeds: list[int], reps: int = BOOTSTRAP_REPS) -> dict:
-    """Levels, floors and paired comparisons recomputed from the saved test samples (``{}`` if any is missing).
+def analyse(out: Path, seeds: list[int], reps: int = BOOTSTRAP_REPS, rows: list[str] | tuple[str, ...] = ROWS) -> dict:
+    """Levels, floors and paired comparisons of ``rows`` recomputed from the saved test samples (``{}`` if any is
+    missing); the claims between two of ``rows`` are compared.
 
     Returns:
         ``levels`` (row -> metric -> per-seed values), ``floors`` (metric -> value of the real val split against the
@@ -249,12 +250,11 @@ def analyse(out: Path, seeds: list[int], reps: int = BOOTSTRAP_REPS) -> dict:
     from lightning_ar.metrics.digits_classifier import load_or_train_digits_classifier
     from lightning_ar.metrics.digits_paired import DigitsReference, DigitsSamples, compare, paired_seed_differences
 
-    rows = _rows_with_samples(out, seeds)
-    if "MAR" not in rows:
+    if not all(sample_file(out, seed, row)[0].is_file() for seed in seeds for row in rows):
         return {}
     classifier = load_or_train_digits_classifier()
     ref = DigitsReference.build(classifier)
-    samples = _load_samples(out, seeds, classifier, ref)
+    samples = _load_samples(out, seeds, list(rows), classifier, ref)
     val, val_labels = DigitsSource().split("val")
     floor = DigitsSamples.build(val, val_labels, classifier, ref)
     levels = {row: {m: [x.metric(m, ref) for x in samples[row]] for m in SAMPLE_METRICS} for row in rows}
@@ -424,7 +424,7 @@ def render(path: Path, configs: Path, reps: int = BOOTSTRAP_REPS, no_timing: boo
     if no_timing:
         settings["timing_valid"] = False
     per_seed = {int(k): v for k, v in payload["per_seed"].items()}
-    analysis = analyse(path.parent, sorted(per_seed), reps)
+    analysis = analyse(path.parent, sorted(per_seed), reps, table_rows(per_seed))
     if analysis:
         settings["analysis_commit"] = _commit()  # the run's code is settings["commit"]; the analysis may be newer
     analysis = analysis or payload.get("analysis") or {}
