@@ -5,8 +5,13 @@ On one trained gmm model (the condition-error study's R0, seed 0: ``--runs``) th
 context shuffle) are injected at the AR steps ``>= K/2``, and each refinement mode is applied after the control
 (:class:`lightning_ar.ChainedHooks`): the old flow, the entropic map fitted on the clean generator (``map``), the map
 fitted on the defective generator's own sampling (``map_refit``: ``OTRefinement.fit_map(upstream=control)``, what a
-user of a generator with that defect would fit), and the control "shrink toward the bank's group mean with the flow's
-step". Every run uses the same labels and generator seed, so runs are paired sample by sample.
+user of a generator with that defect would fit), the context-aware map fitted the same way (``map_ctx_refit``:
+``map_context_weight`` ``CONTEXT_WEIGHT``, issue 15 item 2: transport on (condition, context feature), the only mode
+that could undo the context shuffle), and the control "shrink toward the bank's group mean with the flow's step".
+Every run uses the same labels and generator seed, so runs are paired sample by sample. Beside each control the
+within-group R^2 of the late-step ideal conditions on their context features is reported: the share of a
+condition's (class, position)-group variation that the feature can explain, the most of a shuffle that transport on
+(condition, feature) can undo.
 
 Pre-registered (before the run; ``CRITERIA``): with ``E`` the late-step whitened-residual KL (steps ``>= K/2``; its
 finite-sample floor depends only on the token count, the same in every arm, so it cancels in the differences),
@@ -37,11 +42,28 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from lightning_ar.io import atomic_write_text  # noqa: E402
 
 CONTROLS = ("bias", "over", "under", "shuffle")
-MODES = ("flow", "map", "map_refit", "shrink")
+MODES = ("flow", "map", "map_refit", "map_ctx_refit", "shrink")
+CONTEXT_WEIGHT = 2.0  # fixed before any gmm run (the synthetic test's value, tests/nn/test_context_map.py)
 CRITERIA = {
     "recovered_fraction": "(E[control] - E[control + mode]) / (E[control] - E[clean]); E: late-step KL",
     "recovers": "paired bootstrap CI of E[control] - E[control + mode] above 0 (below: worsens; else not resolved)",
 }
+
+
+def context_r2(module, step: int) -> float:
+    """Within-(class, position) linear R^2 of the bank's ideal conditions of ``step`` on their context features."""
+    import torch
+
+    z, labels, positions = module.bank.get(step)
+    phi = module.bank.context_of(step)
+    groups = labels * module.mar_generator.seq_len + positions
+    zc, pc = z.double().clone(), torch.cat([phi.double(), torch.ones(len(phi), 1, dtype=torch.float64)], 1)
+    for g in groups.unique():
+        i = groups == g
+        zc[i] -= zc[i].mean(0)
+        pc[i, :-1] -= pc[i, :-1].mean(0)
+    beta = torch.linalg.lstsq(pc, zc).solution
+    return float(1 - (zc - pc @ beta).pow(2).sum() / zc.pow(2).sum())
 
 
 def run_controls(controls: list[str], ckpt: Path, out: Path, pool_samples: int, num_samples: int, seed: int) -> None:
@@ -62,6 +84,7 @@ def run_controls(controls: list[str], ckpt: Path, out: Path, pool_samples: int, 
         return
     _, source = load_run(ckpt, REGIMES["R0"])
     module, gen, _ = build_refinement(ckpt, source, pool_samples, seed)
+    ctx_module = build_refinement(ckpt, source, pool_samples, seed, context_weight=CONTEXT_WEIGHT)[0]
     settings = TruthSettings(num_samples=num_samples, seed=seed)
     labels, scale = labels_for(source, num_samples), float(gen.hparams.latent_scale)
     start_step = int(gen.hparams.num_iter) // 2
@@ -74,8 +97,10 @@ def run_controls(controls: list[str], ckpt: Path, out: Path, pool_samples: int, 
         t0 = time.perf_counter()
         refit = _refit(module, control, pool_samples, seed)
         info["map_refit"] = {**refit.map_fit_stats, "seconds": time.perf_counter() - t0}
+        ctx_refit = _refit(ctx_module, control, pool_samples, seed)
+        info["context_r2"] = {k: context_r2(ctx_module, k) for k in range(start_step, len(ctx_module.schedule))}
         hooks = {"flow": module._hook("flow"), "map": module._hook("map"), "map_refit": refit._hook("map"),
-                 "shrink": shrink}
+                 "map_ctx_refit": ctx_refit._hook("map"), "shrink": shrink}
         for mode, hook in hooks.items():
             trace = generate_trace(gen, labels, 1.0, settings.rng(0), ChainedHooks(control, hook))
             arms[mode] = trace_truth(source, trace, scale)
@@ -111,8 +136,8 @@ def summarise_control(arms: dict, info: dict, bootstrap: int) -> dict:
         return value
 
     row: dict = {"injected": est(lambda r: kl("control", r) - kl("clean", r)), "modes": {},
-                 "map_refit_fit": info["map_refit"]}
-    for mode in MODES:
+                 "map_refit_fit": info["map_refit"], "context_r2": info.get("context_r2")}
+    for mode in (m for m in MODES if m in arms):
         gain = est(lambda r, m=mode: kl("control", r) - kl(m, r))
         fraction = est(lambda r, m=mode: (kl("control", r) - kl(m, r)) / (kl("control", r) - kl("clean", r)))
         word = verdict(gain, "> 0")
@@ -127,6 +152,9 @@ def summarise(out: Path, results: Path, bootstrap: int = 1000) -> dict:
     from lightning_ar.theory.truth_stats import load_arms, stack
 
     summary: dict = {"criteria": CRITERIA, "controls": {}}
+    committed = results / "refinement-controls-gmm.json"
+    if committed.is_file():  # keep the committed rows of controls not re-run here
+        summary["controls"].update(json.loads(committed.read_text()).get("controls", {}))
     for name in CONTROLS:
         if (out / f"{name}.json").is_file():
             arms = {k: stack([v]) for k, v in load_arms(out / f"{name}.npz").items()}
@@ -151,9 +179,12 @@ def markdown(summary: dict) -> str:
     lines += [f"- **{k}**: {v}" for k, v in summary["criteria"].items()]
     for name, row in summary["controls"].items():
         fit = row["map_refit_fit"]
+        r2 = row.get("context_r2")
+        r2_text = (" Within-group R^2 of the late-step ideal conditions on their context features: "
+                   + ", ".join(f"step {k} {v:.2f}" for k, v in r2.items()) + ".") if r2 else ""
         lines += ["", f"## {name}: late-step KL, control - clean {ci(row['injected'])}", "",
                   f"map_refit: fitted on {fit['num_samples']} sequences of the defective generator in "
-                  f"{fit['seconds']:.0f} s, max L1 marginal error {fit['max_marginal_error']:.1e}.", "",
+                  f"{fit['seconds']:.0f} s, max L1 marginal error {fit['max_marginal_error']:.1e}.{r2_text}", "",
                   "| mode | late KL | gain over the control alone | recovered fraction | verdict |",
                   "|---|---|---|---|---|"]
         for mode, m in row["modes"].items():
@@ -172,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool-samples", type=int, default=8192)
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--controls", nargs="+", choices=CONTROLS, default=list(CONTROLS),
+                        help="controls to run (the committed rows of the others are kept in the results)")
     parser.add_argument("--summarise-only", action="store_true")
     opts = parser.parse_args(argv)
     out = Path(opts.out)
@@ -180,8 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         if not ckpt.is_file():
             parser.error(f"{ckpt}: no checkpoint; run `python benchmarks/condition_error_study.py` first (--runs)")
         out.mkdir(parents=True, exist_ok=True)
-        jobs = max(1, min(opts.jobs, len(CONTROLS)))
-        parts = [list(CONTROLS[i::jobs]) for i in range(jobs)]
+        jobs = max(1, min(opts.jobs, len(opts.controls)))
+        parts = [list(opts.controls[i::jobs]) for i in range(jobs)]
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             for f in [pool.submit(run_controls, p, ckpt, out, opts.pool_samples, opts.samples, opts.seed)
                       for p in parts]:

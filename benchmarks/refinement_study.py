@@ -85,8 +85,9 @@ class ShrinkControl:
         return out
 
 
-def build_refinement(ckpt: Path, source, pool_samples: int, seed: int):
-    """The refinement of one checkpoint: banks from the train/val splits, the map fitted at the bank epoch's end."""
+def build_refinement(ckpt: Path, source, pool_samples: int, seed: int, context_weight: float = 0.0):
+    """The refinement of one checkpoint: banks from the train/val splits, the map fitted at the bank epoch's end
+    (``context_weight > 0``: the context-aware map, ``map_context_weight``)."""
     import lightning as L
 
     from lightning_ar import LatentDataModule, OTRefinement
@@ -95,7 +96,7 @@ def build_refinement(ckpt: Path, source, pool_samples: int, seed: int):
     gen = MARGenerator.load_from_checkpoint(ckpt, map_location="cpu").eval()
     module = OTRefinement(gen, source.latent_shape, source.num_classes, float(gen.hparams.latent_scale),
                           bank_capacity=8192, heldout_capacity=2048, teacher_passes=4, map_pool_samples=pool_samples,
-                          map_pool_size=8192, map_blur_fraction=2.0, seed=seed)
+                          map_pool_size=8192, map_blur_fraction=2.0, map_context_weight=context_weight, seed=seed)
     dm = LatentDataModule(source, batch_size=256)
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")

@@ -44,6 +44,7 @@ from lightning_ar.nn import (
     StepRecord,
     TransformerSpec,
 )
+from lightning_ar.nn.context_features import ContextSpec, revealed_context
 from lightning_ar.nn.entropic_map import EntropicMap, MapSettings, solve_entropic_ot
 from lightning_ar.nn.labelled_conditions import LabelledConditions
 from lightning_ar.nn.refine import (
@@ -103,9 +104,11 @@ __all__ = [
     "RefinementResult",
     "FlowOptions",
     "LabelledConditions",
+    "ContextSpec",
     "EntropicMap",
     "MapSettings",
     "solve_entropic_ot",
+    "revealed_context",
     "refine_conditions",
     "sinkhorn_flow",
     "DiffusionLoss",

@@ -34,6 +34,7 @@ from lightning_ar.lightning_compat import own_hyperparameters
 from lightning_ar.modules.causal_ar import CausalARGenerator
 from lightning_ar.modules.generator import MARGenerator
 from lightning_ar.modules.utils import check_finite_hparams, default, predict_block
+from lightning_ar.nn.context_features import CONTEXT_METRICS, ContextSpec
 from lightning_ar.nn.entropic_map import EntropicMap, MapSettings
 from lightning_ar.nn.mar import patchify
 from lightning_ar.nn.masking import cosine_schedule
@@ -89,6 +90,17 @@ def _load_generator(generator: str | L.LightningModule | None, generator_hparams
     raise FileNotFoundError(f"model.generator: checkpoint {generator} does not exist")
 
 
+def _context_spec(weight: float, length: float, metric: str) -> ContextSpec | None:
+    """The context spec of ``model.map_context_*`` (``None`` for weight 0), with errors naming the options."""
+    if not weight >= 0:
+        raise ValueError(f"model.map_context_weight must be >= 0 (0: no context), got {weight}")
+    if not length > 0:
+        raise ValueError(f"model.map_context_length must be > 0, got {length}")
+    if metric not in CONTEXT_METRICS:
+        raise ValueError(f"model.map_context_metric must be one of {CONTEXT_METRICS}, got {metric!r}")
+    return ContextSpec(length, metric) if weight > 0 else None
+
+
 class OTRefinement(L.LightningModule):
     """Condition refinement of a frozen :class:`MARGenerator` by a Sinkhorn Wasserstein gradient flow.
 
@@ -133,6 +145,13 @@ class OTRefinement(L.LightningModule):
         map_sampling_steps: Head denoising steps of the pool's generation (``None``: the generator's).
         map_cfg: Guidance scale of the pool's generation (``None``: the generator's ``cfg``); the map is fitted
             on-policy, so fit it at the scale it will be used at (the null branch's map needs ``map_cfg > 1``).
+        map_context_weight: 0 (default): the map transports on (class, position) only. ``> 0``: the context-aware
+            map (issue 15, item 2): each condition also carries the feature of its revealed context
+            (:mod:`lightning_ar.nn.context_features`; the bank stores that of each ideal condition's real context),
+            scaled to this multiple of the conditions' within-group spread; the null branch's map takes no context.
+        map_context_length: Decay length (in token positions) of the context feature's distance weights.
+        map_context_metric: Distance between token positions: ``raster`` (the ``gmm`` source's AR(1) order) or
+            ``grid`` (square image token grids).
         mode: Default refinement mode of ``generate``/``predict``: ``none``, ``flow``, ``map`` or ``amortized``.
         seed: Seed of teacher forcing and of the flow's target subsampling.
         optimizer: Optimizer factory for the amortised refiner (default AdamW, lr 1e-3).
@@ -141,7 +160,7 @@ class OTRefinement(L.LightningModule):
 
     # Options that define the module's buffers and networks: a checkpoint's values win.
     ARCHITECTURE = ("bank_capacity", "heldout_capacity", "null_bank", "refiner_hidden", "refiner_depth",
-                    "map_pool_size")
+                    "map_pool_size", "map_context_weight", "map_context_length", "map_context_metric")
 
     def __init__(
         self,
@@ -171,6 +190,9 @@ class OTRefinement(L.LightningModule):
         map_debias: bool = True,
         map_sampling_steps: int | None = None,
         map_cfg: float | None = None,
+        map_context_weight: float = 0.0,
+        map_context_length: float = 1.0,
+        map_context_metric: str = "raster",
         mode: str = "flow",
         seed: int = 0,
         optimizer: OptimizerCallable | None = None,
@@ -191,14 +213,18 @@ class OTRefinement(L.LightningModule):
                                  target_size)
         num_iter, width = gen.hparams.num_iter, gen.mar.width
         self.schedule = cosine_schedule(gen.seq_len, num_iter)
-        self.bank = ConditionBank(num_iter, bank_capacity, width)
+        self.context_spec = _context_spec(map_context_weight, map_context_length, map_context_metric)
+        context_dim = gen.token_dim if self.context_spec is not None else 0
+        self.bank = ConditionBank(num_iter, bank_capacity, width, context_dim)
         self.heldout = ConditionBank(num_iter, heldout_capacity, width)
         self.null = ConditionBank(num_iter, bank_capacity, width) if null_bank else None
         self.refiner = AmortizedRefiner(width, num_iter, gen.hparams.num_classes, refiner_hidden, refiner_depth)
         if map_pool_samples < 0 or map_pool_size < 1:
             raise ValueError("model.map_pool_samples must be >= 0 and model.map_pool_size >= 1")
-        settings = MapSettings(blur_fraction=map_blur_fraction, position_weight=map_position_weight, debias=map_debias)
-        self.entropic_map = EntropicMap(num_iter, bank_capacity, map_pool_size, width, gen.seq_len, settings)
+        settings = MapSettings(blur_fraction=map_blur_fraction, position_weight=map_position_weight, debias=map_debias,
+                               context_weight=map_context_weight)
+        self.entropic_map = EntropicMap(num_iter, bank_capacity, map_pool_size, width, gen.seq_len, settings,
+                                        context_dim)
         self.null_map = EntropicMap(num_iter, bank_capacity, map_pool_size, width, gen.seq_len, settings) \
             if null_bank else None
         if map_cfg is not None and not map_cfg >= 1:
@@ -235,8 +261,10 @@ class OTRefinement(L.LightningModule):
         tokens = patchify(latents, self.mar_generator.hparams.patch_size)  # (B, L, Dt)
         for _ in range(self.hparams.teacher_passes):
             for k in range(len(self.schedule)):
-                sc = teacher_forced_conditions(self.mar_generator.mar, tokens, labels, self.schedule, k, generator)
-                bank.add(k, sc.conditions, sc.labels, sc.positions, generator)
+                spec = self.context_spec if bank.context_dim else None
+                sc = teacher_forced_conditions(self.mar_generator.mar, tokens, labels, self.schedule, k, generator,
+                                               spec)
+                bank.add(k, sc.conditions, sc.labels, sc.positions, generator, sc.context)
                 if self.null is not None and bank is self.bank:
                     null = teacher_forced_conditions(
                         self.mar_generator.mar, tokens, torch.full_like(labels, -1), self.schedule, k, generator
@@ -275,7 +303,8 @@ class OTRefinement(L.LightningModule):
         generator = seeded_generator(default(seed, self.hparams.seed), 17, stride=7907, device=self.device)
         cfg = default(cfg, default(self.hparams.map_cfg, self.mar_generator.hparams.cfg))
         fitter = MapFitter(self.entropic_map, self.bank, self.entropic_map.pool.shape[1], generator,
-                           *((self.null_map, self.null) if self.null_map is not None and cfg != 1.0 else ()))
+                           *((self.null_map, self.null) if self.null_map is not None and cfg != 1.0 else (None, None)),
+                           context_spec=self.context_spec)
         hook = fitter if upstream is None else ChainedHooks(upstream, fitter)
         self.mar_generator.generate(labels, generator=generator, refiner=hook, progress=False, cfg=cfg,
                                     num_sampling_steps=self.hparams.map_sampling_steps)
@@ -353,7 +382,7 @@ class OTRefinement(L.LightningModule):
             null_map = self.null_map
             if null_map is not None and not all(null_map.fitted(k) for k in range(null_map.num_steps)):
                 null_map = None  # fitted at cfg 1: there was no null branch to fit it on (documented in null_bank)
-            return MapHook(self.entropic_map, null_map)
+            return MapHook(self.entropic_map, null_map, self.context_spec)
         return FlowRefiner(self.bank, self.flow, self._num_classes, self.mar_generator.seq_len,
                            self.hparams.seed, self.null, record_trace)
 
@@ -383,14 +412,20 @@ class OTRefinement(L.LightningModule):
             self.annotate(trace, hook)
         return latents
 
-    def refine_step(self, z: Tensor, labels: Tensor, positions: Tensor, step: int, mode: str | None = None) -> Tensor:
+    def refine_step(self, z: Tensor, labels: Tensor, positions: Tensor, step: int, mode: str | None = None,
+                    context: Tensor | None = None) -> Tensor:
         """Refine conditions ``z`` ``[N, D]`` (classes ``labels`` ``[N]``, token ``positions`` ``[N]``) as AR step
         ``step`` of a sampling batch would be, with refinement mode ``mode`` (default: the module's); ``[N, D]``.
+        The context-aware map also needs the conditions' context features ``context`` ``[N, Fc]``.
 
         The sampler calls the same hook; this is its entry point for measurements such as the null test
         (:func:`lightning_ar.theory.dispersion.null_test`)."""
         hook = self._hook(mode or self.hparams.mode)
-        return z if hook is None else hook(z, labels, positions, step)
+        if hook is None:
+            return z
+        if getattr(hook, "context_spec", None) is not None:
+            return hook(z, labels, positions, step, context=context)
+        return hook(z, labels, positions, step)
 
     def flow_path(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> list[Tensor]:
         """The ``K + 1`` states ``[N, D]`` of the flow at AR step ``step`` (``K = flow_steps``; state 0 is ``z``):

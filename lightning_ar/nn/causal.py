@@ -23,10 +23,11 @@ from einops import rearrange
 from timm.models.vision_transformer import Mlp
 from torch import Tensor, nn
 
+from lightning_ar.nn.context_features import ContextSpec
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
 from lightning_ar.nn.dit import ClassEmbedding
 from lightning_ar.nn.init import normal_embeddings_, xavier_linears_
-from lightning_ar.nn.sampler import cfg_at_step, refine_conditions_of_step
+from lightning_ar.nn.sampler import cfg_at_step, context_spec_of, refine_conditions_of_step
 from lightning_ar.nn.sampling_options import SamplingOptions, check_labels
 from lightning_ar.nn.sampling_run import SamplingRun
 from lightning_ar.nn.transformer_spec import TransformerSpec
@@ -230,6 +231,18 @@ class CausalTransformer(nn.Module):
 
 
 @torch.no_grad()
+def _causal_context(spec: ContextSpec | None, order: Tensor, ordered: Tensor, i: int) -> Tensor | None:
+    """Context features ``[B, Fc]`` of step ``i``'s token (position ``order[i]``) from the ``i`` tokens generated
+    before it (``ordered`` ``[B, L, T]`` in generation order), or ``None`` without a ``spec``."""
+    if spec is None:
+        return None
+    b, seq_len = ordered.shape[:2]
+    tokens = torch.zeros_like(ordered).index_copy_(1, order[:i], ordered[:, :i])  # (B, L, T) in position order
+    revealed = torch.zeros(b, seq_len, dtype=torch.bool, device=ordered.device)
+    revealed[:, order[:i]] = True
+    return spec(tokens, revealed, order[i].expand(b, 1))
+
+
 def sample_causal_tokens(
     model: CausalTransformer,
     head: DiffusionLoss,
@@ -258,6 +271,7 @@ def sample_causal_tokens(
     check_labels(labels, model.num_classes)
     run = run or SamplingRun()
     generator, trace, refiner = run.generator, run.trace, run.refiner
+    spec = context_spec_of(refiner)
     if options.num_iter not in (None, seq_len):
         raise ValueError(f"num_iter must be {seq_len} (one token per step) for this model, got {options.num_iter}")
     options.check_for(seq_len, head.num_train_timesteps)
@@ -278,7 +292,8 @@ def sample_causal_tokens(
         z_raw, z_null = z_all.chunk(2) if guided else (z_all, None)  # (B, W) each
         z, z_null, seconds = refine_conditions_of_step(refiner, z_raw, z_null, labels,
                                                        model.order[i].expand(labels.shape[0]), i,
-                                                       timed=trace is not None)
+                                                       timed=trace is not None,
+                                                       context=_causal_context(spec, model.order, ordered, i))
         cfg_i = cfg_at_step(cfg, cfg_schedule, seq_len - 1 - i, seq_len)
         ordered[:, i] = head.sample(z, z_null, options, cfg=cfg_i, generator=generator)
         if trace is not None:

@@ -16,6 +16,13 @@ nothing moves in the population limit, at any ``eps``. ``debias=False`` gives th
 ``c -> sum_j P_j(c) y_j``. Costs are computed on labelled features (scaled one-hot class and position appended),
 so that transport does not cross classes (or positions) when their weights are large; only the condition
 coordinates move. Each condition's output depends on that condition alone.
+
+Context-aware map (issue 15, item 2): with ``context_dim > 0`` each condition's features also carry its context
+feature (:mod:`lightning_ar.nn.context_features`; for the target: that of the real context it was computed from),
+scaled so that its within-group spread is ``context_weight`` times the conditions'. Transport is then between the
+joint laws of (condition, context): a condition that is right in distribution but wrong for its context (the
+``ContextShuffle`` control) lies off the target's joint law and is moved toward the conditions of targets with a
+similar context, which a map on (class, position) alone cannot do.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ class MapSettings:
         scaling: Epsilon-scaling ratio of the Sinkhorn descent.
         tolerance: Converged when the L1 marginal error of the plan (total mass 2) is below this.
         max_iter: Sinkhorn iterations at the final ``eps`` after the descent, at most.
+        context_weight: Within-group spread of the appended context features relative to the conditions' (only for
+            a map built with ``context_dim > 0``).
     """
 
     blur_fraction: float = 0.5
@@ -52,11 +61,12 @@ class MapSettings:
     scaling: float = 0.7
     tolerance: float = 1e-2
     max_iter: int = 300
+    context_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.blur_fraction > 0:
             raise ValueError(f"map blur_fraction must be > 0, got {self.blur_fraction}")
-        for name in ("class_weight", "position_weight"):
+        for name in ("class_weight", "position_weight", "context_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"map {name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.scaling < 1:
@@ -273,15 +283,17 @@ UNFITTED, FITTED, IDENTITY = 0, 1, 2
 class EntropicMap(nn.Module):
     """Per-AR-step entropic maps, stored as buffers (saved in the holder's ``state_dict``).
 
-    Buffers (``K`` steps, ``M`` target slots, ``N`` pool slots, ``F = D + L`` features): ``targets`` ``[K, M, F]``,
+    Buffers (``K`` steps, ``M`` target slots, ``N`` pool slots, ``F = D + L + Fc`` features): ``targets``
+    ``[K, M, F]``,
     ``target_logit`` ``[K, M]`` (``-inf`` in unused slots), ``target_class`` ``[K, M]``, ``pool`` ``[K, N, F]``,
     ``pool_logit`` ``[K, N]``, ``pool_class`` ``[K, N]``, ``eps`` ``[K]``, ``marginal_error`` ``[K]``, ``status``
     ``[K]`` (0 unfitted, 1 fitted, 2 identity: the step's conditions have no within-group spread, e.g. step 0,
-    whose context is empty).
+    whose context is empty); with ``context_dim = Fc > 0`` also ``context_scale`` ``[K]`` (the factor each step's
+    context features were scaled by).
     """
 
     def __init__(self, num_steps: int, target_slots: int, pool_slots: int, dim: int, seq_len: int,
-                 settings: MapSettings | None = None) -> None:
+                 settings: MapSettings | None = None, context_dim: int = 0) -> None:
         """Create an unfitted map.
 
         Args:
@@ -291,15 +303,18 @@ class EntropicMap(nn.Module):
             dim: Condition dimension ``D``.
             seq_len: Token positions ``L`` (position one-hot).
             settings: Map options.
+            context_dim: Dimension ``Fc`` of the context features (0: the map sees (class, position) only).
         """
         super().__init__()
         for name, value in (("num_steps", num_steps), ("target_slots", target_slots), ("pool_slots", pool_slots),
                             ("dim", dim)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        self.dim, self.seq_len = dim, seq_len
+        if context_dim < 0:
+            raise ValueError(f"context_dim must be >= 0, got {context_dim}")
+        self.dim, self.seq_len, self.context_dim = dim, seq_len, context_dim
         self.settings = settings or MapSettings()
-        feat = dim + seq_len
+        feat = dim + seq_len + context_dim
         self.register_buffer("targets", torch.zeros(num_steps, target_slots, feat))
         self.register_buffer("target_logit", torch.full((num_steps, target_slots), -math.inf))
         self.register_buffer("target_class", torch.zeros(num_steps, target_slots, dtype=torch.long))
@@ -311,6 +326,8 @@ class EntropicMap(nn.Module):
         self.register_buffer("status", torch.zeros(num_steps, dtype=torch.long))
         # the position weight the stored features were built with (a later MapSettings does not change them)
         self.register_buffer("position_weight", torch.full((num_steps,), float(self.settings.position_weight)))
+        if context_dim:
+            self.register_buffer("context_scale", torch.zeros(num_steps))
 
     @property
     def num_steps(self) -> int:
@@ -321,19 +338,43 @@ class EntropicMap(nn.Module):
         """Whether AR step ``step`` has a map (or is the identity by construction)."""
         return int(self.status[step]) != UNFITTED
 
-    def features(self, z: Tensor, positions: Tensor, step: int | None = None) -> Tensor:
-        """Features ``[N, F]`` of conditions ``z`` ``[N, D]`` at token ``positions`` ``[N]`` (with the position
-        weight AR step ``step`` was fitted with; the current settings' when ``None``)."""
-        weight = self.settings.position_weight if step is None else float(self.position_weight[step])
-        return labelled_features(z, positions, self.seq_len, weight)
+    @property
+    def uses_context(self) -> bool:
+        """Whether the map's features include the conditions' context features (``context_dim > 0``)."""
+        return self.context_dim > 0
 
-    def fit_step(self, step: int, pool: tuple[Tensor, Tensor, Tensor], target: tuple[Tensor, Tensor, Tensor]
-                 ) -> float:
+    def features(self, z: Tensor, positions: Tensor, step: int | None = None, context: Tensor | None = None
+                 ) -> Tensor:
+        """Features ``[N, F]`` of conditions ``z`` ``[N, D]`` at token ``positions`` ``[N]`` (with the position
+        weight and context scale AR step ``step`` was fitted with; the current settings' weight and scale 1 when
+        ``None``), with the context features ``context`` ``[N, Fc]`` appended for a context-aware map."""
+        weight = self.settings.position_weight if step is None else float(self.position_weight[step])
+        feats = labelled_features(z, positions, self.seq_len, weight)
+        if not self.context_dim:
+            return feats
+        if context is None or context.shape != (len(z), self.context_dim):
+            raise ValueError(f"this entropic map is context-aware (context_dim={self.context_dim}): pass the "
+                             f"conditions' context features [N, {self.context_dim}], got "
+                             f"{None if context is None else tuple(context.shape)}")
+        scale = 1.0 if step is None else float(self.context_scale[step])
+        return torch.cat([feats, context.float().to(feats.device) * scale], dim=1)
+
+    def _context_scale(self, ctx_t: Tensor | None, groups: Tensor, spread: float) -> float:
+        """``context_weight * spread(z) / spread(context)`` within (class, position) groups (0 if no spread)."""
+        if ctx_t is None:
+            raise ValueError(f"this entropic map is context-aware (context_dim={self.context_dim}): fit_step needs "
+                             "the pool's and the target's context features")
+        ctx_spread = within_group_spread(ctx_t.float(), groups)
+        return self.settings.context_weight * spread / ctx_spread if ctx_spread > 1e-12 else 0.0
+
+    def fit_step(self, step: int, pool: tuple[Tensor, Tensor, Tensor], target: tuple[Tensor, Tensor, Tensor],
+                 pool_context: Tensor | None = None, target_context: Tensor | None = None) -> float:
         """Fit AR step ``step`` from a pool ``(z [N, D], labels [N], positions [N])`` and a target of the same form.
 
         The blur is ``settings.blur_fraction`` times the target's within-(class, position) RMS spread; a step whose
-        target has no such spread (all conditions of a group identical) is the identity. Returns the marginal
-        error of the solves (0 for an identity step), also kept in ``marginal_error``.
+        target has no such spread (all conditions of a group identical) is the identity. A context-aware map also
+        needs ``pool_context`` ``[N, Fc]`` and ``target_context`` ``[M, Fc]``. Returns the marginal error of the
+        solves (0 for an identity step), also kept in ``marginal_error``.
         """
         z_p, z_t = pool[0], target[0]
         if len(z_p) > self.pool.shape[1] or len(z_t) > self.targets.shape[1]:
@@ -345,7 +386,12 @@ class EntropicMap(nn.Module):
         if not spread > 1e-6 * max(scale, 1e-12):
             self.status[step], self.marginal_error[step] = IDENTITY, 0.0
             return 0.0
-        fitted = fit_step_map(self.features(z_p, pool[2]), pool[1], self.features(z_t, target[2]), target[1],
+        self.position_weight[step] = self.settings.position_weight
+        if self.context_dim:
+            self.context_scale[step] = self._context_scale(target_context, target[1] * self.seq_len + target[2],
+                                                           spread)
+        fitted = fit_step_map(self.features(z_p, pool[2], step, pool_context), pool[1],
+                              self.features(z_t, target[2], step, target_context), target[1],
                               self.settings.blur_fraction * spread, self.settings)
         self.targets[step, : len(z_t)] = fitted.targets
         self.target_logit[step, : len(z_t)] = fitted.target_logit
@@ -355,7 +401,6 @@ class EntropicMap(nn.Module):
             self.pool_logit[step, : len(z_p)] = fitted.pool_logit
             self.pool_class[step, : len(z_p)] = fitted.pool_class
         self.eps[step], self.marginal_error[step], self.status[step] = fitted.eps, fitted.marginal_error, FITTED
-        self.position_weight[step] = self.settings.position_weight
         return fitted.marginal_error
 
     def _clear(self, step: int) -> None:
@@ -376,12 +421,15 @@ class EntropicMap(nn.Module):
                        self.pool_class[step][used_p] if has_pool else None,
                        float(self.eps[step]), float(self.marginal_error[step]))
 
-    def forward(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
+    def forward(self, z: Tensor, labels: Tensor, positions: Tensor, step: int, context: Tensor | None = None
+                ) -> Tensor:
         """Refined conditions ``[N, D]`` for ``z`` ``[N, D]`` (classes ``labels`` ``[N]``, token ``positions``
-        ``[N]``) at AR step ``step``, in ``z``'s dtype; each condition's output depends on it alone."""
+        ``[N]``, for a context-aware map their context features ``context`` ``[N, Fc]``) at AR step ``step``, in
+        ``z``'s dtype; each condition's output depends on it (and its context) alone."""
         if not 0 <= step < self.num_steps:
             raise ValueError(f"step must be in [0, {self.num_steps - 1}], got {step}")
         if int(self.status[step]) == IDENTITY:
             return z
-        mapped = apply_step_map(self.step_map(step), self.features(z, positions, step), labels.long(), self.dim)
+        mapped = apply_step_map(self.step_map(step), self.features(z, positions, step, context), labels.long(),
+                                self.dim)
         return mapped.to(z.dtype)

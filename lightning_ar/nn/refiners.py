@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from lightning_ar.nn.context_features import ContextSpec
 from lightning_ar.nn.entropic_map import EntropicMap
 from lightning_ar.nn.refine import (
     AmortizedRefiner,
@@ -151,6 +152,13 @@ class AmortizedHook:
         return out
 
 
+def _context_spec_for(entropic_map: EntropicMap, spec: ContextSpec | None) -> ContextSpec | None:
+    """The spec a hook around ``entropic_map`` passes to the samplers (``None`` for a map without context)."""
+    if entropic_map.uses_context and spec is None:
+        raise ValueError("a context-aware entropic map needs the ContextSpec its context features are computed with")
+    return spec if entropic_map.uses_context else None
+
+
 class MapHook:
     """Applies a fitted :class:`~lightning_ar.nn.entropic_map.EntropicMap`: each condition is refined on its own,
     whatever else its sampling batch holds.
@@ -159,16 +167,21 @@ class MapHook:
         entropic_map: The conditional branch's map.
         null_map: The CFG null branch's map (one class, fitted on null-class conditions); when given, the samplers
             pass the null branch to :meth:`null`, so both branches of the guided prediction are refined.
+        context_spec: How the context features of a context-aware map are computed (required with one, the spec
+            it was fitted with; the null map takes no context).
     """
 
-    def __init__(self, entropic_map: EntropicMap, null_map: EntropicMap | None = None) -> None:
+    def __init__(self, entropic_map: EntropicMap, null_map: EntropicMap | None = None,
+                 context_spec: ContextSpec | None = None) -> None:
         self.map, self.null_map, self.stats = entropic_map, null_map, HookStats()
         self.refine_null = null_map is not None
+        self.context_spec = _context_spec_for(entropic_map, context_spec)
 
     @torch.no_grad()
-    def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
+    def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int, context: Tensor | None = None
+                 ) -> Tensor:
         start = time.perf_counter()
-        out = self.map(z, labels, positions, step)
+        out = self.map(z, labels, positions, step, context)
         self.stats.seconds += time.perf_counter() - start
         return out
 
@@ -198,13 +211,19 @@ class MapFitter:
         generator: RNG of the subsampling.
         null_map: The null branch's map to fit (optional).
         null_bank: Ideal null-class conditions per AR step (with ``null_map``).
+        context_spec: For a context-aware map: how the samplers compute the pool's context features (the bank
+            must hold its targets' features, computed the same way).
     """
 
     def __init__(self, entropic_map: EntropicMap, bank: ConditionBank, pool_size: int,
                  generator: torch.Generator | None = None, null_map: EntropicMap | None = None,
-                 null_bank: ConditionBank | None = None) -> None:
+                 null_bank: ConditionBank | None = None, context_spec: ContextSpec | None = None) -> None:
         if (null_map is None) != (null_bank is None):
             raise ValueError("MapFitter needs both null_map and null_bank, or neither")
+        self.context_spec = _context_spec_for(entropic_map, context_spec)
+        if self.context_spec is not None and bank.context_dim != entropic_map.context_dim:
+            raise ValueError(f"the context-aware map needs a bank with context features of dimension "
+                             f"{entropic_map.context_dim}, the bank has {bank.context_dim}")
         self.map, self.bank, self.pool_size, self.generator = entropic_map, bank, pool_size, generator
         self.null_map, self.null_bank = null_map, null_bank
         self.refine_null, self.stats = null_map is not None, HookStats()
@@ -220,7 +239,8 @@ class MapFitter:
         return torch.randperm(n, generator=self.generator, device=rng_device)[: self.pool_size].to(device)
 
     @torch.no_grad()
-    def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
+    def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int, context: Tensor | None = None
+                 ) -> Tensor:
         start = time.perf_counter()
         keep = self._keep(len(z), z.device)
         target = self.bank.get(step).to(z.device)
@@ -228,9 +248,10 @@ class MapFitter:
         if missing:
             self.missing_classes[step] = missing
         pool = LabelledConditions(z[keep], labels[keep], positions[keep])
-        self.marginal_errors[step] = self.map.fit_step(step, pool, target)
+        contexts = (context[keep], self.bank.context_of(step).to(z.device)) if self.context_spec else ()
+        self.marginal_errors[step] = self.map.fit_step(step, pool, target, *contexts)
         self.pool_sizes[step] = len(keep)
-        out = self.map(z, labels, positions, step)
+        out = self.map(z, labels, positions, step, context)
         self.stats.seconds += time.perf_counter() - start
         return out
 
@@ -262,14 +283,27 @@ class ChainedHooks:
         if not self.hooks:
             raise ValueError("ChainedHooks needs at least one hook")
         self.refine_null = any(h.refine_null for h in self.hooks)
+        specs = {repr(s): s for s in (getattr(h, "context_spec", None) for h in self.hooks) if s is not None}
+        if len(specs) > 1:
+            raise ValueError(f"ChainedHooks: the hooks use different context specs {sorted(specs)}")
+        self.context_spec = next(iter(specs.values()), None)
         self.stats = HookStats()
 
-    def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
-        """Conditions ``z`` ``[N, D]`` of AR step ``step`` through every hook in order -> ``[N, D]``."""
-        z = self.hooks[0](z, labels, positions, step)
+    @staticmethod
+    def _apply(hook: ConditionRefiner, z: Tensor, labels: Tensor, positions: Tensor, step: int,
+               context: Tensor | None) -> Tensor:
+        if context is not None and getattr(hook, "context_spec", None) is not None:
+            return hook(z, labels, positions, step, context=context)
+        return hook(z, labels, positions, step)
+
+    def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int, context: Tensor | None = None
+                 ) -> Tensor:
+        """Conditions ``z`` ``[N, D]`` of AR step ``step`` through every hook in order -> ``[N, D]`` (``context``
+        ``[N, Fc]`` goes to the hooks that take it)."""
+        z = self._apply(self.hooks[0], z, labels, positions, step, context)
         start = time.perf_counter()
         for hook in self.hooks[1:]:
-            z = hook(z, labels, positions, step)
+            z = self._apply(hook, z, labels, positions, step, context)
         self.stats.seconds += time.perf_counter() - start
         return z
 

@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from lightning_ar.nn.context_features import ContextSpec
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
 from lightning_ar.nn.mar import MaskedAutoregressiveTransformer
 from lightning_ar.nn.masking import cosine_schedule, mask_from_orders, random_orders
@@ -23,13 +24,16 @@ from lightning_ar.progress import progress_bar
 class ConditionRefiner(Protocol):
     """Hook that moves the conditions of the tokens predicted at one AR step (e.g. the OT refinement).
 
-    ``refine_null``: whether the samplers also pass the null (CFG) branch to :meth:`null`.
+    ``refine_null``: whether the samplers also pass the null (CFG) branch to :meth:`null`. ``context_spec``
+    (optional; ``None`` when absent): a :class:`~lightning_ar.nn.context_features.ContextSpec`; when set, the
+    samplers compute each condition's context feature from the step's revealed tokens and pass it as ``context``.
     """
 
     refine_null: bool
 
     def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> Tensor:
-        """``z`` ``[N, D]``, ``labels`` ``[N]``, ``positions`` ``[N]`` -> refined ``[N, D]``."""
+        """``z`` ``[N, D]``, ``labels`` ``[N]``, ``positions`` ``[N]`` -> refined ``[N, D]`` (hooks with a
+        ``context_spec`` also take ``context=`` ``[N, Fc]``)."""
         ...
 
     def null(self, z_null: Tensor, positions: Tensor, step: int) -> Tensor:
@@ -44,10 +48,17 @@ def cfg_at_step(cfg: float, schedule: CfgSchedule, num_masked_after: int, seq_le
     return 1.0 + (cfg - 1.0) * (seq_len - num_masked_after) / seq_len
 
 
+def context_spec_of(refiner: ConditionRefiner | None) -> ContextSpec | None:
+    """The hook's context feature spec (``None``: it takes no context; hooks may omit the attribute)."""
+    return getattr(refiner, "context_spec", None)
+
+
 def refine_conditions_of_step(refiner: ConditionRefiner | None, z: Tensor, z_null: Tensor | None, labels: Tensor,
-                              positions: Tensor, step: int, timed: bool = True) -> tuple[Tensor, Tensor | None, float]:
+                              positions: Tensor, step: int, timed: bool = True, context: Tensor | None = None
+                              ) -> tuple[Tensor, Tensor | None, float]:
     """Apply a refinement hook to one step's conditional ``z`` ``[N, D]`` (and, if it asks for it, null ``z_null``
-    ``[N, D]``) conditions of classes ``labels`` ``[N]`` at ``positions`` ``[N]``.
+    ``[N, D]``) conditions of classes ``labels`` ``[N]`` at ``positions`` ``[N]`` (with ``context`` ``[N, Fc]``,
+    the conditions' context features, for a hook with a ``context_spec``).
 
     Returns:
         ``(z, z_null, seconds)``: the refined conditions and the wall time spent in the hook (0 without one or with
@@ -59,7 +70,7 @@ def refine_conditions_of_step(refiner: ConditionRefiner | None, z: Tensor, z_nul
     if timed:
         _sync(z.device)
     start = time.perf_counter()
-    z = refiner(z, labels, positions, step)
+    z = refiner(z, labels, positions, step) if context is None else refiner(z, labels, positions, step, context=context)
     if z_null is not None and refiner.refine_null:
         z_null = refiner.null(z_null, positions, step)
     if not timed:
@@ -108,6 +119,7 @@ def sample_tokens(
     check_labels(labels, mar.num_classes)
     run = run or SamplingRun()
     generator, trace, refiner = run.generator, run.trace, run.refiner
+    spec = context_spec_of(refiner)
     if options.num_iter is None:
         raise ValueError("num_iter must be an integer in [1, L] for MAR sampling, got None")
     options.check_for(mar.seq_len, head.num_train_timesteps)
@@ -127,9 +139,10 @@ def sample_tokens(
         n = int(to_pred[0].sum())
         positions = to_pred.nonzero()[:, 1].view(b, n)  # (B, n)
         z_raw = z[to_pred]  # (B*n, D)
+        context = spec(tokens, ~mask, positions) if spec is not None else None  # (B*n, Fc)
         z_k, z_null_k, seconds = refine_conditions_of_step(
             refiner, z_raw, z_null[to_pred] if z_null is not None else None, labels.repeat_interleave(n),
-            positions.reshape(-1), k, timed=trace is not None)
+            positions.reshape(-1), k, timed=trace is not None, context=context)
         cfg_k = cfg_at_step(cfg, cfg_schedule, schedule[k], seq_len)
         sampled = head.sample(z_k, z_null_k, options, cfg=cfg_k, generator=generator)
         tokens[to_pred] = sampled.to(tokens.dtype)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_ar.nn.context_features import ContextSpec
 from lightning_ar.nn.mar import MaskedAutoregressiveTransformer
 from lightning_ar.nn.masking import mask_from_orders
 
@@ -24,11 +25,13 @@ class StepConditions:
         conditions: ``[N, D]``.
         labels: ``[N]`` class labels.
         positions: ``[N]`` token positions.
+        context: ``[N, Fc]`` context features of the real revealed context (``None`` unless asked for).
     """
 
     conditions: Tensor
     labels: Tensor
     positions: Tensor
+    context: Tensor | None = None
 
 
 def masked_before(schedule: list[int], step: int, seq_len: int) -> int:
@@ -44,6 +47,7 @@ def teacher_forced_conditions(
     schedule: list[int],
     step: int,
     generator: torch.Generator | None = None,
+    context: ContextSpec | None = None,
 ) -> StepConditions:
     """Ideal conditions of AR step ``step`` for a batch of real token sequences.
 
@@ -54,6 +58,7 @@ def teacher_forced_conditions(
         schedule: Tokens still masked after each step (:func:`~lightning_ar.nn.masking.cosine_schedule`).
         step: AR step ``k``.
         generator: RNG of the random orders.
+        context: Also compute each condition's context feature from the real revealed tokens.
 
     Returns:
         The conditions of the ``masked_before(k) - schedule[k]`` tokens per sample that step ``k`` predicts.
@@ -66,4 +71,5 @@ def teacher_forced_conditions(
     positions = orders[:, after:before]  # (B, n): masked before k, revealed by k
     cond = z.gather(1, positions[..., None].expand(-1, -1, z.shape[-1]))  # (B, n, D)
     n = positions.shape[1]
-    return StepConditions(cond.reshape(b * n, -1), labels.repeat_interleave(n), positions.reshape(-1))
+    feats = context(tokens, ~mask, positions) if context is not None else None  # (B*n, Fc)
+    return StepConditions(cond.reshape(b * n, -1), labels.repeat_interleave(n), positions.reshape(-1), feats)

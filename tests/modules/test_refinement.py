@@ -305,3 +305,44 @@ def test_map_refines_the_null_branch_when_fitted_at_cfg_above_one(gmm_generator:
     module.null_map.status.zero_()
     module.fit_map(256, cfg=1.0)
     assert module.map_fit_stats["null_marginal_errors"] == {} and not module._hook("map").refine_null
+
+
+def test_context_aware_map_end_to_end(gmm_generator: Path, tmp_path: Path) -> None:
+    """``map_context_weight > 0``: the bank keeps each ideal condition's real-context feature, the map is fitted on
+    (condition, context) at the end of the bank phase, sampling passes each condition its context (the map moves
+    the samples), the checkpoint keeps it all, and the map refines each condition on its own. (That it corrects a
+    context shuffle when the feature explains the condition: ``tests/nn/test_context_map.py``.)"""
+    from lightning_ar.nn.mar import patchify
+    from lightning_ar.nn.teacher_forcing import teacher_forced_conditions
+
+    dm = LatentDataModule("gmm", batch_size=128)
+    module = OTRefinement(str(gmm_generator), dm.latent_shape, dm.num_classes, dm.latent_scale, bank_capacity=2048,
+                          heldout_capacity=256, teacher_passes=2, map_pool_samples=512, map_pool_size=2048,
+                          map_context_weight=2.0)
+    _trainer(tmp_path, max_epochs=1, limit_train_batches=8, limit_val_batches=2).fit(module, dm)
+    gen = module.mar_generator
+    assert module.bank.context_dim == gen.token_dim and module.entropic_map.uses_context
+    assert all(module.entropic_map.fitted(k) for k in range(4)) and module.map_fit_stats["max_marginal_error"] < 5e-2
+    trainer = _trainer(tmp_path, max_epochs=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "refine.ckpt")
+    loaded = OTRefinement.load_from_checkpoint(tmp_path / "refine.ckpt")
+    labels = torch.arange(4).repeat(2)
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    out = module.generate(labels, refine="map", generator=g(), progress=False)
+    assert torch.isfinite(out).all()
+    assert torch.equal(loaded.generate(labels, refine="map", generator=g(), progress=False), out)
+    assert not torch.equal(module.generate(labels, refine="none", generator=g(), progress=False), out)
+    latents, val_labels = next(iter(dm.val_dataloader()))
+    tokens = patchify(latents * dm.latent_scale, gen.hparams.patch_size)
+    sc = teacher_forced_conditions(gen.mar, tokens, val_labels, module.schedule, 3, torch.Generator().manual_seed(7),
+                                   module.context_spec)
+    batch = module.refine_step(sc.conditions[:32], sc.labels[:32], sc.positions[:32], 3, mode="map",
+                               context=sc.context[:32])
+    alone = torch.cat([module.refine_step(sc.conditions[i: i + 1], sc.labels[i: i + 1], sc.positions[i: i + 1], 3,
+                                          mode="map", context=sc.context[i: i + 1]) for i in range(32)])
+    assert torch.allclose(alone, batch, atol=1e-5)
+    with pytest.raises(ValueError, match="context-aware"):
+        module.refine_step(sc.conditions[:4], sc.labels[:4], sc.positions[:4], 3, mode="map")
+    with pytest.raises(ValueError, match="model.map_context_metric must be one of"):
+        OTRefinement(str(gmm_generator), map_context_weight=1.0, map_context_metric="hex")
