@@ -24,7 +24,7 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 KERNEL = "python3"
 MAX_EXECUTED_BYTES = 300_000
 MAX_COMMITTED_BYTES = 1_000_000
-COMMITTED_EXECUTED = {"01", "02", "03", "04", "05"}  # committed with the outputs of a full run (04, 05 read committed JSON)
+COMMITTED_EXECUTED = {"01", "02", "03", "04", "05"}  # committed with a full run's outputs (04, 05 read JSON)
 
 
 def _ensure_kernelspec() -> None:

@@ -48,7 +48,7 @@ from lightning_ar.nn.refiners import (
     MapHook,
     labelled_divergence,
 )
-from lightning_ar.nn.sampler import ConditionRefiner
+from lightning_ar.nn.sampler import ConditionRefiner, call_hook
 from lightning_ar.nn.teacher_forcing import teacher_forced_conditions
 from lightning_ar.nn.trace import GenerationTrace
 from lightning_ar.progress import default_progress
@@ -421,11 +421,7 @@ class OTRefinement(L.LightningModule):
         The sampler calls the same hook; this is its entry point for measurements such as the null test
         (:func:`lightning_ar.theory.dispersion.null_test`)."""
         hook = self._hook(mode or self.hparams.mode)
-        if hook is None:
-            return z
-        if getattr(hook, "context_spec", None) is not None:
-            return hook(z, labels, positions, step, context=context)
-        return hook(z, labels, positions, step)
+        return z if hook is None else call_hook(hook, z, labels, positions, step, context)
 
     def flow_path(self, z: Tensor, labels: Tensor, positions: Tensor, step: int) -> list[Tensor]:
         """The ``K + 1`` states ``[N, D]`` of the flow at AR step ``step`` (``K = flow_steps``; state 0 is ``z``):

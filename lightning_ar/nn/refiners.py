@@ -26,6 +26,7 @@ from lightning_ar.nn.refine import (
     refine_conditions,
     sinkhorn_divergence,
 )
+from lightning_ar.nn.sampler import call_hook, context_spec_of
 from lightning_ar.seeding import seeded_generator
 
 if TYPE_CHECKING:
@@ -283,27 +284,20 @@ class ChainedHooks:
         if not self.hooks:
             raise ValueError("ChainedHooks needs at least one hook")
         self.refine_null = any(h.refine_null for h in self.hooks)
-        specs = {repr(s): s for s in (getattr(h, "context_spec", None) for h in self.hooks) if s is not None}
+        specs = {repr(s): s for s in (context_spec_of(h) for h in self.hooks) if s is not None}
         if len(specs) > 1:
             raise ValueError(f"ChainedHooks: the hooks use different context specs {sorted(specs)}")
         self.context_spec = next(iter(specs.values()), None)
         self.stats = HookStats()
 
-    @staticmethod
-    def _apply(hook: ConditionRefiner, z: Tensor, labels: Tensor, positions: Tensor, step: int,
-               context: Tensor | None) -> Tensor:
-        if context is not None and getattr(hook, "context_spec", None) is not None:
-            return hook(z, labels, positions, step, context=context)
-        return hook(z, labels, positions, step)
-
     def __call__(self, z: Tensor, labels: Tensor, positions: Tensor, step: int, context: Tensor | None = None
                  ) -> Tensor:
         """Conditions ``z`` ``[N, D]`` of AR step ``step`` through every hook in order -> ``[N, D]`` (``context``
         ``[N, Fc]`` goes to the hooks that take it)."""
-        z = self._apply(self.hooks[0], z, labels, positions, step, context)
+        z = call_hook(self.hooks[0], z, labels, positions, step, context)
         start = time.perf_counter()
         for hook in self.hooks[1:]:
-            z = self._apply(hook, z, labels, positions, step, context)
+            z = call_hook(hook, z, labels, positions, step, context)
         self.stats.seconds += time.perf_counter() - start
         return z
 

@@ -53,6 +53,14 @@ def context_spec_of(refiner: ConditionRefiner | None) -> ContextSpec | None:
     return getattr(refiner, "context_spec", None)
 
 
+def call_hook(hook: ConditionRefiner, z: Tensor, labels: Tensor, positions: Tensor, step: int,
+              context: Tensor | None = None) -> Tensor:
+    """``hook(z, labels, positions, step)``, with ``context=`` ``[N, Fc]`` for a hook with a ``context_spec``."""
+    if context is not None and context_spec_of(hook) is not None:
+        return hook(z, labels, positions, step, context=context)
+    return hook(z, labels, positions, step)
+
+
 def refine_conditions_of_step(refiner: ConditionRefiner | None, z: Tensor, z_null: Tensor | None, labels: Tensor,
                               positions: Tensor, step: int, timed: bool = True, context: Tensor | None = None
                               ) -> tuple[Tensor, Tensor | None, float]:
@@ -70,7 +78,7 @@ def refine_conditions_of_step(refiner: ConditionRefiner | None, z: Tensor, z_nul
     if timed:
         _sync(z.device)
     start = time.perf_counter()
-    z = refiner(z, labels, positions, step) if context is None else refiner(z, labels, positions, step, context=context)
+    z = call_hook(refiner, z, labels, positions, step, context)
     if z_null is not None and refiner.refine_null:
         z_null = refiner.null(z_null, positions, step)
     if not timed:
