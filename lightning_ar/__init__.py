@@ -44,17 +44,18 @@ from lightning_ar.nn import (
     StepRecord,
     TransformerSpec,
 )
+from lightning_ar.nn.amortized_refiner import AmortizedRefiner
+from lightning_ar.nn.condition_bank import ConditionBank
 from lightning_ar.nn.context_features import ContextSpec, revealed_context
 from lightning_ar.nn.entropic_map import EntropicMap, MapSettings, solve_entropic_ot
 from lightning_ar.nn.labelled_conditions import LabelledConditions
 from lightning_ar.nn.refine import (
-    AmortizedRefiner,
-    ConditionBank,
     FlowOptions,
     RefinementResult,
     refine_conditions,
     sinkhorn_flow,
 )
+from lightning_ar.nn.refiner_targets import exact_step_targets, head_denoising_loss
 from lightning_ar.nn.refiners import ChainedHooks
 from lightning_ar.theory import (
     ConditionModel,
@@ -109,6 +110,8 @@ __all__ = [
     "MapSettings",
     "solve_entropic_ot",
     "revealed_context",
+    "exact_step_targets",
+    "head_denoising_loss",
     "refine_conditions",
     "sinkhorn_flow",
     "DiffusionLoss",

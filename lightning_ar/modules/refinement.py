@@ -34,11 +34,14 @@ from lightning_ar.lightning_compat import own_hyperparameters
 from lightning_ar.modules.causal_ar import CausalARGenerator
 from lightning_ar.modules.generator import MARGenerator
 from lightning_ar.modules.utils import check_finite_hparams, default, predict_block
+from lightning_ar.nn.amortized_refiner import AmortizedRefiner
+from lightning_ar.nn.condition_bank import ConditionBank
 from lightning_ar.nn.context_features import CONTEXT_METRICS, ContextSpec
 from lightning_ar.nn.entropic_map import EntropicMap, MapSettings
 from lightning_ar.nn.mar import patchify
 from lightning_ar.nn.masking import cosine_schedule
-from lightning_ar.nn.refine import AmortizedRefiner, ConditionBank, FlowOptions, LabelledConditions
+from lightning_ar.nn.refine import FlowOptions, LabelledConditions
+from lightning_ar.nn.refiner_targets import ExactConditionals, exact_step_targets, head_denoising_loss
 from lightning_ar.nn.refiners import (
     AmortizedHook,
     ChainedHooks,
@@ -57,6 +60,7 @@ from lightning_ar.theory.conditions import measurement_blur
 from lightning_ar.theory.grouped_sinkhorn import group_clouds, grouped_divergence
 
 MODES = ("none", "flow", "map", "amortized")
+REFINER_OBJECTIVES = ("divergence", "exact")
 
 
 def load_generator(generator: str | L.LightningModule | None, generator_hparams: dict | None) -> L.LightningModule:
@@ -131,6 +135,13 @@ class OTRefinement(L.LightningModule):
         refiner_hidden: Hidden width of the amortised refiner.
         refiner_depth: Hidden layers of the amortised refiner.
         refiner_sampling_steps: Head denoising steps of the generations that train the amortised refiner.
+        refiner_objective: What the amortised refiner is trained on: ``divergence`` (default: the flow's objective,
+            the labelled Sinkhorn divergence of the refined conditions to the bank) or ``exact`` (issue 15 item 5a:
+            the frozen head's denoising loss at the refined condition on exact draws of the step's tokens given the
+            generated context; needs a source with exact conditionals, ``data.source: gmm``; see
+            :mod:`lightning_ar.nn.refiner_targets`).
+        refiner_on_policy: Generate the refiner's training contexts with the refiner itself in the sampling loop
+            (DAgger-style: it learns on the contexts it produces); ``False`` (default): with the plain generator.
         map_pool_samples: Sequences generated (one batch, on-policy) to fit the entropic map at the end of the bank
             phase; 0 (default) skips the map. A step that predicts ``n`` tokens per sequence gets
             ``n * map_pool_samples`` pool conditions, subsampled to ``map_pool_size``.
@@ -183,6 +194,8 @@ class OTRefinement(L.LightningModule):
         refiner_hidden: int = 256,
         refiner_depth: int = 2,
         refiner_sampling_steps: int = 20,
+        refiner_objective: str = "divergence",
+        refiner_on_policy: bool = False,
         map_pool_samples: int = 0,
         map_pool_size: int = 4096,
         map_blur_fraction: float = 2.0,
@@ -207,6 +220,8 @@ class OTRefinement(L.LightningModule):
         check_finite_hparams(self.hparams)
         if mode not in MODES:
             raise ValueError(f"model.mode must be one of {MODES}, got {mode!r}")
+        if refiner_objective not in REFINER_OBJECTIVES:
+            raise ValueError(f"model.refiner_objective must be one of {REFINER_OBJECTIVES}, got {refiner_objective!r}")
         if bank_epochs < 1 or teacher_passes < 1:
             raise ValueError("model.bank_epochs and model.teacher_passes must be >= 1")
         self.flow = FlowSettings(FlowOptions(flow_steps, flow_eta, flow_blur, flow_scaling, flow_lam), label_weight,
@@ -340,21 +355,45 @@ class OTRefinement(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------- amortized
     def refiner_loss(self, labels: Tensor, generator: torch.Generator) -> Tensor:
-        """Flow objective summed over AR steps, for the refiner applied to the generator's own conditions."""
+        """The amortised refiner's objective summed over AR steps, on one generation of ``labels`` ``[B]``: the flow
+        objective (``refiner_objective: divergence``) or the head's loss on exact targets (``exact``); the
+        generation runs with the refiner in the loop when ``refiner_on_policy``."""
         trace = GenerationTrace(keep_on_device=True)
+        on_policy = bool(self.hparams.refiner_on_policy)
         self.mar_generator.generate(
             labels, num_sampling_steps=self.hparams.refiner_sampling_steps, trace=trace, generator=generator,
-            progress=False,
+            progress=False, refiner=AmortizedHook(self.refiner) if on_policy else None,
         )
+        exact = self._exact_source() if self.hparams.refiner_objective == "exact" else None
         loss = labels.new_zeros((), dtype=torch.float32)
-        for k in range(len(trace.steps)):
-            z0, lab, pos = trace.conditions_at(k)
+        for k, rec in enumerate(trace.steps):
+            _, lab, pos = trace.conditions_at(k)
+            z0 = (rec.raw_conditions if on_policy else rec.conditions).reshape(len(lab), -1)  # before refinement
             z = self.refiner(z0, lab, k)
-            target = self.bank.sample(k, self.flow.target_size, generator)
-            div = labelled_divergence(LabelledConditions(z, lab, pos), target, self._num_classes,
-                                      self.mar_generator.seq_len, self.flow)
-            loss = loss + div + 0.5 * self.flow.options.lam * ((z - z0) ** 2).sum(-1).mean()
+            if exact is not None:
+                targets = exact_step_targets(exact, trace, k, float(self.mar_generator.hparams.latent_scale),
+                                             generator)
+                fit = head_denoising_loss(self.mar_generator.head, z, targets, self._loss_repeats, generator)
+            else:
+                target = self.bank.sample(k, self.flow.target_size, generator)
+                fit = labelled_divergence(LabelledConditions(z, lab, pos), target, self._num_classes,
+                                          self.mar_generator.seq_len, self.flow)
+            loss = loss + fit + 0.5 * self.flow.options.lam * ((z - z0) ** 2).sum(-1).mean()
         return loss
+
+    @property
+    def _loss_repeats(self) -> int:
+        return int(self.mar_generator.hparams.get("diffusion_batch_mul", 1))
+
+    def _exact_source(self) -> ExactConditionals:
+        """The data's source, which ``refiner_objective: exact`` needs to have exact conditionals."""
+        trainer = self._trainer
+        source = getattr(getattr(trainer, "datamodule", None), "source", None) if trainer is not None else None
+        if not callable(getattr(source, "conditional", None)):
+            raise ValueError("model.refiner_objective 'exact' needs a data source with exact conditionals "
+                             f"(data.source: gmm), got {type(source).__name__ if source is not None else 'no source'}"
+                             "; use refiner_objective: divergence on real data")
+        return source
 
     @property
     def _num_classes(self) -> int:

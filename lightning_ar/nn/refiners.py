@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from lightning_ar.nn.amortized_refiner import AmortizedRefiner
+from lightning_ar.nn.condition_bank import ConditionBank
 from lightning_ar.nn.context_features import ContextSpec
 from lightning_ar.nn.entropic_map import EntropicMap
 from lightning_ar.nn.refine import (
-    AmortizedRefiner,
-    ConditionBank,
     FlowOptions,
     LabelledConditions,
     labelled_clouds,
