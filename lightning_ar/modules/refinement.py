@@ -358,13 +358,13 @@ class OTRefinement(L.LightningModule):
         """The amortised refiner's objective summed over AR steps, on one generation of ``labels`` ``[B]``: the flow
         objective (``refiner_objective: divergence``) or the head's loss on exact targets (``exact``); the
         generation runs with the refiner in the loop when ``refiner_on_policy``."""
+        exact = self._exact_source() if self.hparams.refiner_objective == "exact" else None
         trace = GenerationTrace(keep_on_device=True)
         on_policy = bool(self.hparams.refiner_on_policy)
         self.mar_generator.generate(
             labels, num_sampling_steps=self.hparams.refiner_sampling_steps, trace=trace, generator=generator,
             progress=False, refiner=AmortizedHook(self.refiner) if on_policy else None,
         )
-        exact = self._exact_source() if self.hparams.refiner_objective == "exact" else None
         loss = labels.new_zeros((), dtype=torch.float32)
         for k, rec in enumerate(trace.steps):
             _, lab, pos = trace.conditions_at(k)

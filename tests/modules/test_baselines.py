@@ -383,3 +383,9 @@ def test_shipped_gmm_refinement_fits_the_map_and_tests_every_variant(tmp_path: P
     results = _results(tmp_path, "refine", "test")
     assert {"none", "flow", "map"} <= set(results)
     assert results["map"]["num_samples"] > 0 and results["map"]["nll"] == results["map"]["nll"]  # finite, not NaN
+    # the same shipped config with the ground-truth objective, on-policy (issue 15 item 5a): the refiner epoch trains
+    main(_args("fit", [refine, DEBUG_REFINE], tmp_path, "exact", "--model.init_args.generator", str(gen),
+               "--model.init_args.refiner_objective", "exact", "--model.init_args.refiner_on_policy", "true"))
+    ckpt = torch.load(tmp_path / "refine" / "exact" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["hyper_parameters"]["refiner_objective"] == "exact" and ckpt["hyper_parameters"]["refiner_on_policy"]
+    assert ckpt["state_dict"]["refiner.out.weight"].abs().sum() > 0  # no longer the zero-initialised identity
