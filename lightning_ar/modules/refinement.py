@@ -41,7 +41,12 @@ from lightning_ar.nn.entropic_map import EntropicMap, MapSettings
 from lightning_ar.nn.mar import patchify
 from lightning_ar.nn.masking import cosine_schedule
 from lightning_ar.nn.refine import FlowOptions, LabelledConditions
-from lightning_ar.nn.refiner_targets import ExactConditionals, exact_step_targets, head_denoising_loss
+from lightning_ar.nn.refiner_targets import (
+    ExactConditionals,
+    NoisyContexts,
+    exact_step_targets,
+    head_denoising_loss,
+)
 from lightning_ar.nn.refiners import (
     AmortizedHook,
     ChainedHooks,
@@ -56,11 +61,12 @@ from lightning_ar.nn.teacher_forcing import teacher_forced_conditions
 from lightning_ar.nn.trace import GenerationTrace
 from lightning_ar.progress import default_progress
 from lightning_ar.seeding import seeded_generator
+from lightning_ar.theory.condition_errors import ConditionModel
 from lightning_ar.theory.conditions import measurement_blur
 from lightning_ar.theory.grouped_sinkhorn import group_clouds, grouped_divergence
 
 MODES = ("none", "flow", "map", "amortized")
-REFINER_OBJECTIVES = ("divergence", "exact")
+REFINER_OBJECTIVES = ("divergence", "exact", "noisy_context")
 
 
 def load_generator(generator: str | L.LightningModule | None, generator_hparams: dict | None) -> L.LightningModule:
@@ -139,7 +145,11 @@ class OTRefinement(L.LightningModule):
             the labelled Sinkhorn divergence of the refined conditions to the bank) or ``exact`` (issue 15 item 5a:
             the frozen head's denoising loss at the refined condition on exact draws of the step's tokens given the
             generated context; needs a source with exact conditionals, ``data.source: gmm``; see
-            :mod:`lightning_ar.nn.refiner_targets`).
+            :mod:`lightning_ar.nn.refiner_targets`) or ``noisy_context`` (item 5b, for real data: the head's loss
+            at the refined condition on the real next tokens, the condition computed from a real context in which
+            each revealed token is, with probability ``refiner_corruption``, the model's own draw given the real
+            context of its step).
+        refiner_corruption: Share of the revealed real tokens replaced by the model's draws (``noisy_context``).
         refiner_on_policy: Generate the refiner's training contexts with the refiner itself in the sampling loop
             (DAgger-style: it learns on the contexts it produces); ``False`` (default): with the plain generator.
         map_pool_samples: Sequences generated (one batch, on-policy) to fit the entropic map at the end of the bank
@@ -196,6 +206,7 @@ class OTRefinement(L.LightningModule):
         refiner_sampling_steps: int = 20,
         refiner_objective: str = "divergence",
         refiner_on_policy: bool = False,
+        refiner_corruption: float = 0.5,
         map_pool_samples: int = 0,
         map_pool_size: int = 4096,
         map_blur_fraction: float = 2.0,
@@ -222,6 +233,8 @@ class OTRefinement(L.LightningModule):
             raise ValueError(f"model.mode must be one of {MODES}, got {mode!r}")
         if refiner_objective not in REFINER_OBJECTIVES:
             raise ValueError(f"model.refiner_objective must be one of {REFINER_OBJECTIVES}, got {refiner_objective!r}")
+        if not 0.0 <= refiner_corruption <= 1.0:
+            raise ValueError(f"model.refiner_corruption must be in [0, 1], got {refiner_corruption}")
         if bank_epochs < 1 or teacher_passes < 1:
             raise ValueError("model.bank_epochs and model.teacher_passes must be >= 1")
         self.flow = FlowSettings(FlowOptions(flow_steps, flow_eta, flow_blur, flow_scaling, flow_lam), label_weight,
@@ -342,7 +355,7 @@ class OTRefinement(L.LightningModule):
         if self._bank_phase():
             self.fill_bank(self.bank, *batch, self._rng(batch_idx, 0))
             return None
-        loss = self.refiner_loss(batch[1], self._rng(batch_idx, 1))
+        loss = self.refiner_loss(batch[1], self._rng(batch_idx, 1), batch[0])
         self.log("refine/amortized_loss", loss, prog_bar=True, batch_size=batch[1].shape[0])
         return loss
 
@@ -354,32 +367,49 @@ class OTRefinement(L.LightningModule):
         """Nothing to compute on real test data: the ``GenerationMetrics`` callback generates for its labels."""
 
     # ----------------------------------------------------------------------------------------- amortized
-    def refiner_loss(self, labels: Tensor, generator: torch.Generator) -> Tensor:
+    def refiner_loss(self, labels: Tensor, generator: torch.Generator, latents: Tensor | None = None) -> Tensor:
         """The amortised refiner's objective summed over AR steps, on one generation of ``labels`` ``[B]``: the flow
-        objective (``refiner_objective: divergence``) or the head's loss on exact targets (``exact``); the
-        generation runs with the refiner in the loop when ``refiner_on_policy``."""
-        exact = self._exact_source() if self.hparams.refiner_objective == "exact" else None
+        objective (``refiner_objective: divergence``), the head's loss on exact targets (``exact``) or on the real
+        tokens of ``latents`` ``[B, C, H, W]`` after a corrupted real context (``noisy_context``); the generation runs
+        with the refiner in the loop when ``refiner_on_policy``."""
+        objective = self.hparams.refiner_objective
+        exact = self._exact_source() if objective == "exact" else None
+        if objective == "noisy_context" and latents is None:
+            raise ValueError("model.refiner_objective 'noisy_context' needs the real batch: refiner_loss(labels, "
+                             "generator, latents)")
         trace = GenerationTrace(keep_on_device=True)
         on_policy = bool(self.hparams.refiner_on_policy)
         self.mar_generator.generate(
             labels, num_sampling_steps=self.hparams.refiner_sampling_steps, trace=trace, generator=generator,
             progress=False, refiner=AmortizedHook(self.refiner) if on_policy else None,
         )
+        noisy = self._noisy_contexts(latents, trace, generator) if objective == "noisy_context" else None
         loss = labels.new_zeros((), dtype=torch.float32)
         for k, rec in enumerate(trace.steps):
             _, lab, pos = trace.conditions_at(k)
             z0 = (rec.raw_conditions if on_policy else rec.conditions).reshape(len(lab), -1)  # before refinement
+            if noisy is not None:
+                z0, targets = noisy.step(k)
             z = self.refiner(z0, lab, k)
-            if exact is not None:
-                targets = exact_step_targets(exact, trace, k, float(self.mar_generator.hparams.latent_scale),
-                                             generator)
-                fit = head_denoising_loss(self.mar_generator.head, z, targets, self._loss_repeats, generator)
-            else:
+            if objective == "divergence":
                 target = self.bank.sample(k, self.flow.target_size, generator)
                 fit = labelled_divergence(LabelledConditions(z, lab, pos), target, self._num_classes,
                                           self.mar_generator.seq_len, self.flow)
+            else:
+                if exact is not None:
+                    targets = exact_step_targets(exact, trace, k, float(self.mar_generator.hparams.latent_scale),
+                                                 generator)
+                fit = head_denoising_loss(self.mar_generator.head, z, targets, self._loss_repeats, generator)
             loss = loss + fit + 0.5 * self.flow.options.lam * ((z - z0) ** 2).sum(-1).mean()
         return loss
+
+    def _noisy_contexts(self, latents: Tensor, trace: GenerationTrace, generator: torch.Generator) -> NoisyContexts:
+        """The corrupted real contexts of ``trace``'s steps (``refiner_objective: noisy_context``)."""
+        gen = self.mar_generator
+        model = replace(ConditionModel.from_generator(gen), num_sampling_steps=self.hparams.refiner_sampling_steps)
+        real = patchify(latents, gen.hparams.patch_size)  # (B, L, Dt)
+        refiner = self.refiner if self.hparams.refiner_on_policy else None
+        return NoisyContexts(model, real, trace, float(self.hparams.refiner_corruption), generator, refiner)
 
     @property
     def _loss_repeats(self) -> int:

@@ -362,13 +362,15 @@ def _late_true_kl(module: OTRefinement, source, mode: str) -> float:
     return float(arm_metric(arm, "kl", Replicates.identity(1, 512), [2, 3])[0])
 
 
-def test_on_policy_refiner_trained_on_exact_targets_lowers_the_true_error(gmm_generator: Path, tmp_path) -> None:
-    """``refiner_objective: exact`` + ``refiner_on_policy``: the refiner, trained with itself in the sampling loop on
-    the head's loss at exact draws given the generated context, lowers the ground-truth late-step error of the
-    generation it is used in (positive control: the untrained refiner is the identity, and reads the same as none)."""
+@pytest.mark.parametrize("objective", ["exact", "noisy_context"])
+def test_on_policy_refiner_lowers_the_true_error(gmm_generator: Path, tmp_path, objective: str) -> None:
+    """``refiner_on_policy`` with ``refiner_objective: exact`` (the head's loss at exact draws given the generated
+    context) or ``noisy_context`` (at the real next tokens after a real context corrupted with the model's draws):
+    the refiner lowers the ground-truth late-step error of the generation it is used in (the untrained refiner is the
+    identity and reads the same as none; the generator itself is unchanged)."""
     dm = LatentDataModule("gmm", batch_size=128)
     module = OTRefinement(str(gmm_generator), dm.latent_shape, dm.num_classes, dm.latent_scale, bank_capacity=256,
-                          heldout_capacity=128, teacher_passes=1, refiner_objective="exact", refiner_on_policy=True,
+                          heldout_capacity=128, teacher_passes=1, refiner_objective=objective, refiner_on_policy=True,
                           refiner_sampling_steps=10, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     dm.setup("fit")
     before = _late_true_kl(module, dm.source, "none")
@@ -385,3 +387,8 @@ def test_exact_objective_needs_exact_conditionals(gmm_generator: Path) -> None:
     module = OTRefinement(str(gmm_generator), refiner_objective="exact", bank_capacity=64, heldout_capacity=64)
     with pytest.raises(ValueError, match=r"refiner_objective 'exact' needs a data source with exact conditionals"):
         module.refiner_loss(torch.arange(4), torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="model.refiner_corruption must be in"):
+        OTRefinement(str(gmm_generator), refiner_corruption=2.0)
+    noisy = OTRefinement(str(gmm_generator), refiner_objective="noisy_context", bank_capacity=64, heldout_capacity=64)
+    with pytest.raises(ValueError, match="'noisy_context' needs the real batch"):
+        noisy.refiner_loss(torch.arange(4), torch.Generator().manual_seed(0))

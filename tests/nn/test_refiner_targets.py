@@ -7,7 +7,7 @@ import torch
 
 from lightning_ar.data.sources import GMMSource
 from lightning_ar.nn.diffusion_loss import DiffusionLoss
-from lightning_ar.nn.refiner_targets import exact_step_targets, head_denoising_loss
+from lightning_ar.nn.refiner_targets import corrupted_context, exact_step_targets, head_denoising_loss
 from lightning_ar.theory.ground_truth import exact_trace, mar_step_positions, step_truth
 
 
@@ -49,3 +49,15 @@ def test_head_denoising_loss_is_differentiable_in_the_conditions_only() -> None:
     assert all(p.grad is None for p in head.parameters())
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         head_denoising_loss(head, z, torch.randn(5, 2), repeats=0)
+
+
+def test_corrupted_context_swaps_only_revealed_tokens_at_the_given_rate() -> None:
+    real, model = torch.zeros(64, 16, 2), torch.ones(64, 16, 2)
+    revealed = torch.arange(16)[None].expand(64, 16) < 8
+    assert torch.equal(corrupted_context(real, model, revealed, 0.0), real)
+    full = corrupted_context(real, model, revealed, 1.0)
+    assert torch.equal(full[:, :8], model[:, :8]) and torch.equal(full[:, 8:], real[:, 8:])
+    half = corrupted_context(real, model, revealed, 0.5, torch.Generator().manual_seed(0))
+    assert abs(float(half[:, :8].mean()) - 0.5) < 0.05 and float(half[:, 8:].abs().sum()) == 0.0
+    with pytest.raises(ValueError, match=r"corruption must be in \[0, 1\]"):
+        corrupted_context(real, model, revealed, 1.5)
