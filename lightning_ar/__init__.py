@@ -55,7 +55,7 @@ from lightning_ar.nn.refine import (
     refine_conditions,
     sinkhorn_flow,
 )
-from lightning_ar.nn.refiner_targets import exact_step_targets, head_denoising_loss
+from lightning_ar.nn.refiner_targets import NoisyContexts, corrupted_context, exact_step_targets, head_denoising_loss
 from lightning_ar.nn.refiners import ChainedHooks
 from lightning_ar.theory import (
     ConditionModel,
@@ -111,6 +111,8 @@ __all__ = [
     "solve_entropic_ot",
     "revealed_context",
     "exact_step_targets",
+    "NoisyContexts",
+    "corrupted_context",
     "head_denoising_loss",
     "refine_conditions",
     "sinkhorn_flow",
