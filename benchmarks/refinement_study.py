@@ -28,6 +28,14 @@ cores). It is judged by the same criteria. It needs exact conditionals to train,
 ceiling of what a learned per-condition correction of this head can do, not a method for real data. Regimes whose
 committed rows predate a variant keep those rows (the summary merges them) and say which variants they lack.
 
+The variant ``amortized_noisy`` (added 2026-12-02, session 11, before any run of it; issue 15 item 5b) is the same
+refiner (same initial weights, ``REFINER_STEPS`` steps, lr 1e-3, on-policy) trained on the objective that real data
+allows: the head's denoising loss on the *real* next tokens after a real context in which each revealed token is,
+with probability 0.5 (``refiner_corruption``, its default, fixed before the run), replaced by the model's own draw
+(``refiner_objective="noisy_context"``). It never sees an exact conditional, so unlike ``amortized`` it is a method
+for real data; gmm's ground truth judges it by the same criteria. A run folder written before it existed gains it
+on a later call (only that refiner is trained; the other arms are kept).
+
     python benchmarks/condition_error_study.py --jobs 2                # first: the checkpoints
     python benchmarks/refinement_study.py --jobs 2                     # ~30 min on 2 cores (R0, R1)
 
@@ -37,6 +45,7 @@ Resumable: each (regime, seed) writes ``arms.npz`` + ``info.json`` under ``--out
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -50,8 +59,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from lightning_ar.io import atomic_write_text  # noqa: E402
 from lightning_ar.nn.trace import GenerationTrace  # noqa: E402
 
-VARIANTS = ("none", "flow", "map", "amortized", "shrink", "temperature")
-REFINEMENTS = ("flow", "map", "amortized")
+VARIANTS = ("none", "flow", "map", "amortized", "amortized_noisy", "shrink", "temperature")
+REFINEMENTS = ("flow", "map", "amortized", "amortized_noisy")
+ADDABLE = ("amortized_noisy",)  # variants a run folder written before them gains on a later call
 REFINER_STEPS = 48  # optimizer steps of the amortised refiner after the bank epoch (batches of 256 labels)
 CONTROLS = ("shrink", "temperature")
 REGIMES = ("R0", "R1")
@@ -109,6 +119,26 @@ class _EpochClock:
         self.callback = Clock()
 
 
+def refinement_module(ckpt: Path, source, pool_samples: int, seed: int, context_weight: float = 0.0):
+    """The untrained ``OTRefinement`` of one checkpoint (its refiner's initial weights seeded by ``seed`` and kept
+    in ``refiner_init``), the generator and the set-up data module."""
+    import torch
+
+    from lightning_ar import LatentDataModule, OTRefinement
+    from lightning_ar.modules.generator import MARGenerator
+
+    gen = MARGenerator.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    torch.manual_seed(seed)
+    module = OTRefinement(gen, source.latent_shape, source.num_classes, float(gen.hparams.latent_scale),
+                          bank_capacity=8192, heldout_capacity=2048, teacher_passes=4, map_pool_samples=pool_samples,
+                          map_pool_size=8192, map_blur_fraction=2.0, map_context_weight=context_weight, seed=seed,
+                          refiner_objective="exact", refiner_on_policy=True)
+    module.refiner_init = copy.deepcopy(module.refiner.state_dict())  # the noisy-context refiner starts here too
+    dm = LatentDataModule(source, batch_size=256)
+    dm.setup("fit")
+    return module, gen, dm
+
+
 def build_refinement(ckpt: Path, source, pool_samples: int, seed: int, context_weight: float = 0.0,
                      refiner_steps: int = 0):
     """The refinement of one checkpoint: banks from the train/val splits, the map fitted at the bank epoch's end
@@ -116,16 +146,7 @@ def build_refinement(ckpt: Path, source, pool_samples: int, seed: int, context_w
     amortised refiner is then trained on-policy on exact targets for that many steps (``module.refiner_stats``)."""
     import lightning as L
 
-    from lightning_ar import LatentDataModule, OTRefinement
-    from lightning_ar.modules.generator import MARGenerator
-
-    gen = MARGenerator.load_from_checkpoint(ckpt, map_location="cpu").eval()
-    module = OTRefinement(gen, source.latent_shape, source.num_classes, float(gen.hparams.latent_scale),
-                          bank_capacity=8192, heldout_capacity=2048, teacher_passes=4, map_pool_samples=pool_samples,
-                          map_pool_size=8192, map_blur_fraction=2.0, map_context_weight=context_weight, seed=seed,
-                          refiner_objective="exact", refiner_on_policy=True)
-    dm = LatentDataModule(source, batch_size=256)
-    dm.setup("fit")
+    module, gen, dm = refinement_module(ckpt, source, pool_samples, seed, context_weight)
     bank_batches = len(dm.train_dataloader())  # the bank epoch's batches count as (empty) optimizer steps too
     clock = _EpochClock()
     trainer = L.Trainer(max_epochs=-1 if refiner_steps else 1, max_steps=bank_batches + refiner_steps, logger=False,
@@ -137,6 +158,32 @@ def build_refinement(ckpt: Path, source, pool_samples: int, seed: int, context_w
                             "seconds": time.perf_counter() - clock.times[1] if len(clock.times) > 1 else 0.0,
                             "final_loss": float(trainer.callback_metrics.get("refine/amortized_loss", float("nan")))}
     return module, gen, dm
+
+
+def train_noisy_refiner(module, dm, steps: int, seed: int):
+    """A copy of ``module``'s amortised refiner, from its initial weights, trained ``steps`` steps on-policy on the
+    noisy-context objective (real next tokens after a corrupted real context; train batches of ``dm``); returns the
+    refiner and its stats. ``module``'s own refiner and objective are left as they were."""
+    import itertools
+
+    import torch
+
+    exact, objective = module.refiner, module.hparams.refiner_objective
+    noisy = copy.deepcopy(exact)
+    noisy.load_state_dict(module.refiner_init)
+    module.refiner, module.hparams.refiner_objective = noisy, "noisy_context"
+    opt, start, loss = torch.optim.AdamW(noisy.parameters(), lr=1e-3, weight_decay=0.0), time.perf_counter(), None
+    try:
+        for i, (latents, labels) in zip(range(steps), itertools.cycle(dm.train_dataloader())):
+            loss = module.refiner_loss(labels, torch.Generator().manual_seed(7_000 + 131 * seed + i), latents)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        module.refiner, module.hparams.refiner_objective = exact, objective
+    stats = {"steps": steps, "seconds": time.perf_counter() - start,
+             "final_loss": float(loss.detach()) if loss is not None else None}
+    return noisy.eval(), stats
 
 
 def null_tests(module, source, seed: int) -> dict:
@@ -185,8 +232,27 @@ def best_temperature(gen, source, settings, scale: float) -> dict:
     return {"grid": list(TEMPERATURES), "late_kl": late_kl, "chosen": min(late_kl, key=late_kl.get)}
 
 
+def _checkpoint(runs: Path, regime: str, seed: int) -> Path:
+    ckpt = runs / regime / f"seed{seed}" / "fit" / "version_0" / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt}: run `python benchmarks/condition_error_study.py` first (--runs)")
+    return ckpt
+
+
+def _generate_arm(gen, source, labels, settings, hook, temperature: float, scale: float):
+    """One generation of ``labels`` with ``hook`` (seed stream 0): its per-step truth, timing and sequences."""
+    from lightning_ar.theory.ground_truth import trace_truth
+
+    t0, trace = time.perf_counter(), GenerationTrace()
+    gen.generate(labels, cfg=1.0, generator=settings.rng(0), trace=trace, refiner=hook, temperature=temperature,
+                 progress=False)
+    seconds = {"total": time.perf_counter() - t0, "refine": trace.refine_seconds}
+    return trace, trace_truth(source, trace, scale), seconds, trace.sequence().reshape(len(labels), -1).float().numpy()
+
+
 def run_one(regime: str, seed: int, runs: Path, out: Path, pool_samples: int, num_samples: int) -> Path:
-    """Build, evaluate and save one (regime, seed); skipped when its ``info.json`` exists."""
+    """Build, evaluate and save one (regime, seed); a folder with an ``info.json`` only gains the ``ADDABLE``
+    variants it lacks."""
     import numpy as np
     import torch
 
@@ -194,38 +260,34 @@ def run_one(regime: str, seed: int, runs: Path, out: Path, pool_samples: int, nu
     from condition_error_study import REGIMES as STUDY_REGIMES
     from condition_error_study import load_run
 
+    from lightning_ar.nn.refiners import AmortizedHook
     from lightning_ar.theory.condition_errors import ConditionModel, teacher_forced_trace
     from lightning_ar.theory.ground_truth import trace_truth
     from lightning_ar.theory.truth_run import TruthSettings, labels_for
     from lightning_ar.theory.truth_stats import save_arms
 
     folder = out / regime / f"seed{seed}"
+    ckpt = _checkpoint(runs, regime, seed)
     if (folder / "info.json").is_file():
-        return folder
+        return add_variants(folder, ckpt, regime, seed, num_samples)
     folder.mkdir(parents=True, exist_ok=True)
-    ckpt = runs / regime / f"seed{seed}" / "fit" / "version_0" / "checkpoints" / "last.ckpt"
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"{ckpt}: run `python benchmarks/condition_error_study.py` first (--runs)")
     _, source = load_run(ckpt, STUDY_REGIMES[regime])
     start = time.perf_counter()
-    module, gen, _ = build_refinement(ckpt, source, pool_samples, seed, refiner_steps=REFINER_STEPS)
+    module, gen, dm = build_refinement(ckpt, source, pool_samples, seed, refiner_steps=REFINER_STEPS)
+    noisy, noisy_stats = train_noisy_refiner(module, dm, REFINER_STEPS, seed)
     info: dict = {"regime": regime, "seed": seed, "map_fit": module.map_fit_stats, "build_seconds":
-                  time.perf_counter() - start, "refiner": module.refiner_stats}
+                  time.perf_counter() - start, "refiner": module.refiner_stats, "refiner_noisy": noisy_stats}
     settings = TruthSettings(num_samples=num_samples, seed=seed)
     labels, scale = labels_for(source, num_samples), float(gen.hparams.latent_scale)
     info["temperature"] = best_temperature(gen, source, settings, scale)
     hooks = {"none": None, "flow": module._hook("flow"), "map": module._hook("map"),
-             "amortized": module._hook("amortized"),
+             "amortized": module._hook("amortized"), "amortized_noisy": AmortizedHook(noisy),
              "shrink": ShrinkControl(module.bank, gen.seq_len, module.flow.options.eta), "temperature": None}
     arms, seconds, sequences = {}, {}, {}
     for name, hook in hooks.items():
-        t0, trace = time.perf_counter(), GenerationTrace()
         tau = info["temperature"]["chosen"] if name == "temperature" else float(gen.hparams.temperature)
-        gen.generate(labels, cfg=1.0, generator=settings.rng(0), trace=trace, refiner=hook, temperature=tau,
-                     progress=False)
-        seconds[name] = {"total": time.perf_counter() - t0, "refine": trace.refine_seconds}
-        arms[name] = trace_truth(source, trace, scale)
-        sequences[name] = trace.sequence().reshape(num_samples, -1).float().numpy()
+        trace, arms[name], seconds[name], sequences[name] = _generate_arm(gen, source, labels, settings, hook, tau,
+                                                                          scale)
         if name == "none":
             real = source.to_tokens(source.sample(labels, settings.rng(1))) * scale
             tf = teacher_forced_trace(ConditionModel.from_generator(gen), real, trace, settings.rng(2))
@@ -238,6 +300,41 @@ def run_one(regime: str, seed: int, runs: Path, out: Path, pool_samples: int, nu
         info["null_tests"] = null_tests(module, source, seed)
     save_arms(folder / "arms.npz", arms)
     np.savez_compressed(folder / "sequences.npz", labels=labels.numpy(), **sequences)
+    atomic_write_text(folder / "info.json", json.dumps(info, indent=1, default=float) + "\n")
+    return folder
+
+
+def add_variants(folder: Path, ckpt: Path, regime: str, seed: int, num_samples: int) -> Path:
+    """Give a run folder written before ``amortized_noisy`` existed that arm (same labels, same seed stream as its
+    other arms; the refiner's initial weights seeded as in a fresh run); nothing is done when it has it."""
+    import numpy as np
+    from condition_error_study import REGIMES as STUDY_REGIMES
+    from condition_error_study import load_run
+
+    from lightning_ar.nn.refiners import AmortizedHook
+    from lightning_ar.theory.truth_run import TruthSettings, labels_for
+    from lightning_ar.theory.truth_stats import load_arms, save_arms
+
+    info = json.loads((folder / "info.json").read_text())
+    if all(v in info["seconds"] for v in ADDABLE):
+        return folder
+    _, source = load_run(ckpt, STUDY_REGIMES[regime])
+    module, gen, dm = refinement_module(ckpt, source, 0, seed)
+    noisy, info["refiner_noisy"] = train_noisy_refiner(module, dm, REFINER_STEPS, seed)
+    settings = TruthSettings(num_samples=num_samples, seed=seed)
+    labels, scale = labels_for(source, num_samples), float(gen.hparams.latent_scale)
+    with np.load(folder / "sequences.npz") as data:
+        sequences = {k: data[k] for k in data.files}
+    if not np.array_equal(sequences["labels"], labels.numpy()):
+        raise ValueError(f"{folder}: its labels are not those of --samples {num_samples}; rerun it whole")
+    arms = load_arms(folder / "arms.npz")
+    _, arms["amortized_noisy"], info["seconds"]["amortized_noisy"], sequences["amortized_noisy"] = _generate_arm(
+        gen, source, labels, settings, AmortizedHook(noisy), float(gen.hparams.temperature), scale)
+    info["added"] = {**info.get("added", {}), "amortized_noisy": time.strftime("%Y-%m-%d")}
+    save_arms(folder / "arms.npz", arms)
+    tmp = folder / "sequences.tmp.npz"
+    np.savez_compressed(tmp, **sequences)
+    tmp.replace(folder / "sequences.npz")
     atomic_write_text(folder / "info.json", json.dumps(info, indent=1, default=float) + "\n")
     return folder
 
@@ -337,7 +434,7 @@ def summarise_regime(folders: list[Path], bootstrap: int) -> dict:
     reg: dict = {"seeds": [i["seed"] for i in infos], "samples": st.n, "late_steps": st.late, "gap_late_kl": gap,
                  "sliced_w2_floor": st.est(lambda r: st.sw2("exact_floor")(r)),
                  "temperature": [i["temperature"] for i in infos], "variants": {}}
-    for v in VARIANTS:
+    for v in [v for v in VARIANTS if all(v in run for run in loaded)]:  # older folders may lack a variant
         row = {"sequence_excess": st.est(st.seq(v)), "late_kl": st.est(st.kl(v)),
                "late_dispersion": st.est(st.dispersion(v)), "late_min_eig": st.est(st.min_eig(v)),
                "sliced_w2": st.est(st.sw2(v))}
@@ -348,7 +445,7 @@ def summarise_regime(folders: list[Path], bootstrap: int) -> dict:
             row["cost_share"] = float(np.mean([i["seconds"][v]["refine"] / i["seconds"][v]["total"] for i in infos]))
         reg["variants"][v] = row
     reg["verdict"] = _verdict(reg, gap)
-    reg["harmful"] = [v for v in VARIANTS if v != "none" and reg["variants"][v]["d_sequence_excess"]["lo"] > 0]
+    reg["harmful"] = [v for v in reg["variants"] if v != "none" and reg["variants"][v]["d_sequence_excess"]["lo"] > 0]
     reg["cost_note"] = "refine share: seconds in the refiner (GenerationTrace.refine_seconds) / sampling seconds"
     nulls = [i["null_tests"] for i in infos if "null_tests" in i]
     reg["null_tests"] = nulls[0] if nulls else None

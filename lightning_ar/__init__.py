@@ -48,6 +48,7 @@ from lightning_ar.nn.amortized_refiner import AmortizedRefiner
 from lightning_ar.nn.condition_bank import ConditionBank
 from lightning_ar.nn.context_features import ContextSpec, revealed_context
 from lightning_ar.nn.entropic_map import EntropicMap, MapSettings, solve_entropic_ot
+from lightning_ar.nn.inverse_process import ProximalMapHook, ProximalOptions, TokenConditionMap
 from lightning_ar.nn.labelled_conditions import LabelledConditions
 from lightning_ar.nn.refine import (
     FlowOptions,
@@ -114,6 +115,9 @@ __all__ = [
     "NoisyContexts",
     "corrupted_context",
     "head_denoising_loss",
+    "ProximalMapHook",
+    "ProximalOptions",
+    "TokenConditionMap",
     "refine_conditions",
     "sinkhorn_flow",
     "DiffusionLoss",

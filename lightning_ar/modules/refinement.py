@@ -38,6 +38,7 @@ from lightning_ar.nn.amortized_refiner import AmortizedRefiner
 from lightning_ar.nn.condition_bank import ConditionBank
 from lightning_ar.nn.context_features import CONTEXT_METRICS, ContextSpec
 from lightning_ar.nn.entropic_map import EntropicMap, MapSettings
+from lightning_ar.nn.inverse_process import ProximalMapHook, ProximalOptions, TokenConditionMap
 from lightning_ar.nn.mar import patchify
 from lightning_ar.nn.masking import cosine_schedule
 from lightning_ar.nn.refine import FlowOptions, LabelledConditions
@@ -65,7 +66,7 @@ from lightning_ar.theory.condition_errors import ConditionModel
 from lightning_ar.theory.conditions import measurement_blur
 from lightning_ar.theory.grouped_sinkhorn import group_clouds, grouped_divergence
 
-MODES = ("none", "flow", "map", "amortized")
+MODES = ("none", "flow", "map", "amortized", "proximal")
 REFINER_OBJECTIVES = ("divergence", "exact", "noisy_context")
 
 
@@ -111,6 +112,36 @@ def _context_spec(weight: float, length: float, metric: str) -> ContextSpec | No
     return ContextSpec(length, metric) if weight > 0 else None
 
 
+
+def _check_options(hp: Any) -> None:
+    """Raise a ``ValueError`` naming the ``model.`` option that is out of range."""
+    if hp["mode"] not in MODES:
+        raise ValueError(f"model.mode must be one of {MODES}, got {hp['mode']!r}")
+    if hp["refiner_objective"] not in REFINER_OBJECTIVES:
+        raise ValueError(f"model.refiner_objective must be one of {REFINER_OBJECTIVES}, "
+                         f"got {hp['refiner_objective']!r}")
+    if not 0.0 <= hp["refiner_corruption"] <= 1.0:
+        raise ValueError(f"model.refiner_corruption must be in [0, 1], got {hp['refiner_corruption']}")
+    if hp["bank_epochs"] < 1 or hp["teacher_passes"] < 1:
+        raise ValueError("model.bank_epochs and model.teacher_passes must be >= 1")
+    if hp["map_pool_samples"] < 0 or hp["map_pool_size"] < 1:
+        raise ValueError("model.map_pool_samples must be >= 0 and model.map_pool_size >= 1")
+    if hp["map_cfg"] is not None and not hp["map_cfg"] >= 1:
+        raise ValueError(f"model.map_cfg must be >= 1 (or null: the generator's cfg), got {hp['map_cfg']}")
+
+def _proximal_options(hp: Any) -> ProximalOptions:
+    """Mode ``proximal``'s steps from ``model.proximal_*`` and ``model.inverse_weight``, errors naming the option."""
+    try:
+        options = ProximalOptions(hp.proximal_steps, hp.proximal_eta, hp.proximal_schedule, hp.proximal_lam,
+                                  hp.inverse_weight)
+    except ValueError as err:
+        raise ValueError(f"model.{str(err).replace('proximal ', 'proximal_', 1)}") from None
+    if hp.inverse_weight > 0 and not hp.inverse_map:
+        raise ValueError(f"model.inverse_weight={hp.inverse_weight} needs model.inverse_map: true (the "
+                         "token-to-condition map is fitted during the bank phase)")
+    return options
+
+
 class OTRefinement(L.LightningModule):
     """Condition refinement of a frozen :class:`MARGenerator` by a Sinkhorn Wasserstein gradient flow.
 
@@ -136,6 +167,7 @@ class OTRefinement(L.LightningModule):
         flow_blur: Sinkhorn blur, in condition units.
         flow_scaling: epsilon-scaling factor of the Sinkhorn solver.
         flow_lam: Proximity weight ``lambda``.
+        flow_schedule: Flow step sizes: ``constant`` or ``harmonic`` (step ``j`` is ``flow_eta / (j + 1)``).
         label_weight: Weight of the class/position one-hots appended to both clouds.
         target_size: Bank samples per AR step used as the flow's target.
         refiner_hidden: Hidden width of the amortised refiner.
@@ -173,7 +205,20 @@ class OTRefinement(L.LightningModule):
         map_context_length: Decay length (in token positions) of the context feature's distance weights.
         map_context_metric: Distance between token positions: ``raster`` (the ``gmm`` source's AR(1) order) or
             ``grid`` (square image token grids).
-        mode: Default refinement mode of ``generate``/``predict``: ``none``, ``flow``, ``map`` or ``amortized``.
+        proximal_steps: Steps of refinement mode ``proximal`` (issue 15 item 4,
+            :mod:`lightning_ar.nn.inverse_process`): ``z <- z + eta_j ((T(z) - z) + lam (z0 - z) + mu (g(x) - z))``
+            with ``T`` the fitted entropic map (needs ``map_pool_samples > 0``), ``x`` a token re-denoised from
+            ``z`` by the head at the generator's sampling settings and ``g`` the token-to-condition map.
+        proximal_eta: First step size ``eta`` of mode ``proximal``.
+        proximal_schedule: ``constant`` or ``harmonic`` step sizes of mode ``proximal``.
+        proximal_lam: Proximal weight ``lam`` of mode ``proximal`` (acts from its second step on).
+        inverse_weight: Weight ``mu`` of the inverse-process anchor of mode ``proximal`` (0: no re-denoising);
+            ``> 0`` needs ``inverse_map``.
+        inverse_map: Fit the token-to-condition map ``g`` (ridge regression per AR step of the ideal conditions on
+            the real token each predicts, with class and position intercepts) during the bank phase; its buffers are
+            ``[num_iter, F, F + D]`` doubles with ``F = token_dim + num_classes + seq_len + 1``.
+        mode: Default refinement mode of ``generate``/``predict``: ``none``, ``flow``, ``map``, ``amortized`` or
+            ``proximal``.
         seed: Seed of teacher forcing and of the flow's target subsampling.
         optimizer: Optimizer factory for the amortised refiner (default AdamW, lr 1e-3).
         generator_hparams: Set automatically (the generator's hyper-parameters, to rebuild it from a checkpoint).
@@ -181,7 +226,7 @@ class OTRefinement(L.LightningModule):
 
     # Options that define the module's buffers and networks: a checkpoint's values win.
     ARCHITECTURE = ("bank_capacity", "heldout_capacity", "null_bank", "refiner_hidden", "refiner_depth",
-                    "map_pool_size", "map_context_weight", "map_context_length", "map_context_metric")
+                    "inverse_map", "map_pool_size", "map_context_weight", "map_context_length", "map_context_metric")
 
     def __init__(
         self,
@@ -199,6 +244,7 @@ class OTRefinement(L.LightningModule):
         flow_blur: float = 0.5,
         flow_scaling: float = 0.3,
         flow_lam: float = 0.0,
+        flow_schedule: str = "constant",
         label_weight: float = 100.0,
         target_size: int = 1024,
         refiner_hidden: int = 256,
@@ -217,6 +263,12 @@ class OTRefinement(L.LightningModule):
         map_context_weight: float = 0.0,
         map_context_length: float = 1.0,
         map_context_metric: str = "raster",
+        proximal_steps: int = 3,
+        proximal_eta: float = 0.5,
+        proximal_schedule: str = "constant",
+        proximal_lam: float = 0.0,
+        inverse_weight: float = 0.0,
+        inverse_map: bool = False,
         mode: str = "flow",
         seed: int = 0,
         optimizer: OptimizerCallable | None = None,
@@ -229,16 +281,10 @@ class OTRefinement(L.LightningModule):
         self.mar_generator = gen
         self._check_data_link(latent_shape, num_classes, latent_scale)
         check_finite_hparams(self.hparams)
-        if mode not in MODES:
-            raise ValueError(f"model.mode must be one of {MODES}, got {mode!r}")
-        if refiner_objective not in REFINER_OBJECTIVES:
-            raise ValueError(f"model.refiner_objective must be one of {REFINER_OBJECTIVES}, got {refiner_objective!r}")
-        if not 0.0 <= refiner_corruption <= 1.0:
-            raise ValueError(f"model.refiner_corruption must be in [0, 1], got {refiner_corruption}")
-        if bank_epochs < 1 or teacher_passes < 1:
-            raise ValueError("model.bank_epochs and model.teacher_passes must be >= 1")
-        self.flow = FlowSettings(FlowOptions(flow_steps, flow_eta, flow_blur, flow_scaling, flow_lam), label_weight,
-                                 target_size)
+        _check_options(self.hparams)
+        self.flow = FlowSettings(FlowOptions(flow_steps, flow_eta, flow_blur, flow_scaling, flow_lam, flow_schedule),
+                                 label_weight, target_size)
+        self.proximal = _proximal_options(self.hparams)
         num_iter, width = gen.hparams.num_iter, gen.mar.width
         self.schedule = cosine_schedule(gen.seq_len, num_iter)
         self.context_spec = _context_spec(map_context_weight, map_context_length, map_context_metric)
@@ -247,16 +293,14 @@ class OTRefinement(L.LightningModule):
         self.heldout = ConditionBank(num_iter, heldout_capacity, width)
         self.null = ConditionBank(num_iter, bank_capacity, width) if null_bank else None
         self.refiner = AmortizedRefiner(width, num_iter, gen.hparams.num_classes, refiner_hidden, refiner_depth)
-        if map_pool_samples < 0 or map_pool_size < 1:
-            raise ValueError("model.map_pool_samples must be >= 0 and model.map_pool_size >= 1")
+        self.inverse = TokenConditionMap(num_iter, gen.token_dim, gen.hparams.num_classes, gen.seq_len, width) \
+            if inverse_map else None  # (num_iter, F, F + D) doubles
         settings = MapSettings(blur_fraction=map_blur_fraction, position_weight=map_position_weight, debias=map_debias,
                                context_weight=map_context_weight)
         self.entropic_map = EntropicMap(num_iter, bank_capacity, map_pool_size, width, gen.seq_len, settings,
                                         context_dim)
         self.null_map = EntropicMap(num_iter, bank_capacity, map_pool_size, width, gen.seq_len, settings) \
             if null_bank else None
-        if map_cfg is not None and not map_cfg >= 1:
-            raise ValueError(f"model.map_cfg must be >= 1 (or null: the generator's cfg), got {map_cfg}")
         self.map_fit_stats: dict[str, Any] = {}
         self.optimizer_factory = optimizer
         self.last_generation_stats: dict[str, float] = {}
@@ -293,6 +337,10 @@ class OTRefinement(L.LightningModule):
                 sc = teacher_forced_conditions(self.mar_generator.mar, tokens, labels, self.schedule, k, generator,
                                                spec)
                 bank.add(k, sc.conditions, sc.labels, sc.positions, generator, sc.context)
+                if self.inverse is not None and bank is self.bank:
+                    per_row = len(sc.labels) // len(tokens)  # tokens this step predicts per sequence
+                    rows = torch.arange(len(tokens), device=tokens.device).repeat_interleave(per_row)
+                    self.inverse.accumulate(k, tokens[rows, sc.positions], sc.labels, sc.positions, sc.conditions)
                 if self.null is not None and bank is self.bank:
                     null = teacher_forced_conditions(
                         self.mar_generator.mar, tokens, torch.full_like(labels, -1), self.schedule, k, generator
@@ -303,7 +351,13 @@ class OTRefinement(L.LightningModule):
         return self.current_epoch < self.hparams.bank_epochs
 
     def on_train_epoch_end(self) -> None:
-        """After the last bank epoch: fit the entropic map (``map_pool_samples > 0``)."""
+        """After the last bank epoch: solve the token-to-condition map (``inverse_map``; its normal equations summed
+        over the ranks) and fit the entropic map (``map_pool_samples > 0``)."""
+        if self.current_epoch == self.hparams.bank_epochs - 1 and self.inverse is not None:
+            for name in ("xtx", "xtz", "count"):
+                total = self.trainer.strategy.reduce(getattr(self.inverse, name), reduce_op="sum")
+                getattr(self.inverse, name).copy_(total)
+            self.inverse.solve()
         if self.current_epoch == self.hparams.bank_epochs - 1 and self.hparams.map_pool_samples > 0:
             stats = self.fit_map()
             self.log("refine/map_marginal_error", stats["max_marginal_error"], batch_size=1)
@@ -443,6 +497,8 @@ class OTRefinement(L.LightningModule):
             return None
         if mode == "amortized":
             return AmortizedHook(self.refiner)
+        if mode == "proximal":
+            return self._proximal_hook()
         if mode == "map":
             unfitted = [k for k in range(self.entropic_map.num_steps) if not self.entropic_map.fitted(k)]
             if unfitted:
@@ -454,6 +510,21 @@ class OTRefinement(L.LightningModule):
             return MapHook(self.entropic_map, null_map, self.context_spec)
         return FlowRefiner(self.bank, self.flow, self._num_classes, self.mar_generator.seq_len,
                            self.hparams.seed, self.null, record_trace)
+
+    def _proximal_hook(self) -> ProximalMapHook:
+        """Mode ``proximal``: the multi-step map with the proximal and inverse-process terms."""
+        transport = self._hook("map")
+        inverse = self.inverse
+        if self.proximal.inverse_weight > 0 and not all(inverse.fitted(k) for k in range(len(self.schedule))):
+            raise ValueError("refine='proximal' with model.inverse_weight > 0 needs the token-to-condition map, "
+                             "unfitted: fit the refinement with model.inverse_map: true")
+        gen = self.mar_generator
+        options = gen.sampling_options()
+
+        def sample_tokens(z: Tensor, generator: torch.Generator) -> Tensor:
+            return gen.head.sample(z, options=options, generator=generator)
+
+        return ProximalMapHook(transport, self.proximal, inverse, sample_tokens, self.hparams.seed)
 
     @torch.no_grad()
     def generate(

@@ -27,6 +27,13 @@ from lightning_ar.nn.condition_bank import ConditionBank  # noqa: F401  (idem; b
 from lightning_ar.nn.labelled_conditions import LabelledConditions
 from lightning_ar.nn.sinkhorn import divergence_flow_field
 
+SCHEDULES = ("constant", "harmonic")
+
+
+def scheduled_step(eta: float, schedule: str, j: int) -> float:
+    """Step ``j``'s (0-based) size: ``eta`` (``constant``) or ``eta / (j + 1)`` (``harmonic``)."""
+    return eta if schedule == "constant" else eta / (j + 1)
+
 
 @dataclass(frozen=True)
 class FlowOptions:
@@ -38,6 +45,7 @@ class FlowOptions:
         blur: Entropic blur of the divergence (> 0, in condition units).
         scaling: Epsilon-scaling ratio of the Sinkhorn solver, in ``(0, 1)``.
         lam: Strength (>= 0) of the proximity term pulling ``C`` back to ``C0``.
+        schedule: Step sizes: ``constant`` (every step ``eta``) or ``harmonic`` (step ``j`` is ``eta / (j + 1)``).
     """
 
     steps: int = 10
@@ -45,6 +53,7 @@ class FlowOptions:
     blur: float = 0.05
     scaling: float = 0.9
     lam: float = 0.0
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
         rules = (("steps", self.steps >= 0, ">= 0"), ("eta", self.eta > 0, "> 0"), ("blur", self.blur > 0, "> 0"),
@@ -52,6 +61,12 @@ class FlowOptions:
         for name, ok, rule in rules:
             if not ok:
                 raise ValueError(f"flow {name} must be {rule}, got {getattr(self, name)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"flow schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+    def step_size(self, j: int) -> float:
+        """The step size of step ``j`` (0-based)."""
+        return scheduled_step(self.eta, self.schedule, j)
 
     def replace(self, **changes: Any) -> FlowOptions:
         """A copy with ``changes`` (validated; an unknown name is a ``TypeError`` naming it)."""
@@ -209,9 +224,10 @@ def sinkhorn_flow(
 ) -> RefinementResult:
     """Explicit Wasserstein gradient flow of ``S_eps(C, Y) + lam/2 * mean ||C - C0||^2`` (SPEC 2.3).
 
-    Each step is ``C <- C - eta * (G + lam * (C - C0))`` with ``G = grad_C S / a`` (``N * grad`` for uniform
-    weights), the Wasserstein gradient at each particle, computed in closed form from one fused Sinkhorn solve
-    (:func:`~lightning_ar.nn.sinkhorn.divergence_flow_field`; no autograd). Runs in float32.
+    Each step is ``C <- C - eta_j * (G + lam * (C - C0))`` (``eta_j``: ``options.schedule``) with
+    ``G = grad_C S / a`` (``N * grad`` for uniform weights), the Wasserstein gradient at each particle, computed in
+    closed form from one fused Sinkhorn solve (:func:`~lightning_ar.nn.sinkhorn.divergence_flow_field`; no
+    autograd). Runs in float32.
 
     Args:
         c0: ``[N, D]`` initial conditions.
@@ -255,11 +271,11 @@ def _run_flow(init: Tensor, y: Tensor, extra: Tensor | None, a: Tensor, b: Tenso
     separate groups whose masses are matched anyway, so annealing over their scale would be wasted iterations.
     """
     c, trace = init, []
-    for _ in range(opts.steps):
+    for j in range(opts.steps):
         if record_trace:
             trace.append(_value(c, y, extra, opts, a, b))
         field = divergence_flow_field(_extend(c, extra), y, a, b, opts.blur, opts.scaling, diameter, c.shape[1])
-        c = c - opts.eta * (field + opts.lam * (c - init))  # (N, D)
+        c = c - opts.step_size(j) * (field + opts.lam * (c - init))  # (N, D)
     if record_trace:
         trace.append(_value(c, y, extra, opts, a, b))
     return c, trace

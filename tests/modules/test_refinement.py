@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -392,3 +393,47 @@ def test_exact_objective_needs_exact_conditionals(gmm_generator: Path) -> None:
     noisy = OTRefinement(str(gmm_generator), refiner_objective="noisy_context", bank_capacity=64, heldout_capacity=64)
     with pytest.raises(ValueError, match="'noisy_context' needs the real batch"):
         noisy.refiner_loss(torch.arange(4), torch.Generator().manual_seed(0))
+
+
+# ------------------------------------------------------------------- multi-step, proximal, inverse process
+def test_proximal_mode_with_the_inverse_process_end_to_end(gmm_generator: Path, tmp_path: Path) -> None:
+    """``inverse_map`` fits the token-to-condition map on the bank phase's teacher-forced pairs; mode ``proximal``
+    (multi-step map + proximal term + inverse-process anchor with re-denoising) generates, times its nested
+    sampling, and travels in the checkpoint; without the anchor one step is a partial step of the map."""
+    dm = LatentDataModule("gmm", batch_size=128)
+    module = OTRefinement(str(gmm_generator), dm.latent_shape, dm.num_classes, dm.latent_scale, bank_capacity=1024,
+                          heldout_capacity=512, teacher_passes=1, map_pool_samples=256, map_pool_size=1024,
+                          inverse_map=True, inverse_weight=0.5, proximal_steps=2, proximal_lam=0.5)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=4, limit_val_batches=2)
+    trainer.fit(module, dm)
+    n_per_step = [masked_before(module.schedule, k, 16) - module.schedule[k] for k in range(4)]
+    assert module.inverse.count.tolist() == [4 * 128 * n for n in n_per_step]  # every teacher-forced pair
+    assert all(module.inverse.fitted(k) for k in range(4))
+    trace = GenerationTrace()
+    latents = module.generate(torch.arange(4).repeat(8), refine="proximal", trace=trace,
+                              generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(latents).all() and module.last_generation_stats["refine_seconds"] > 0
+    hook = module._hook("proximal")
+    z, labels, positions = module.heldout.get(2)
+    moved = hook(z[:64], labels[:64], positions[:64], 2)
+    assert hook.denoise_seconds > 0 and not torch.allclose(moved, z[:64], atol=1e-3)
+    trainer.save_checkpoint(tmp_path / "refine.ckpt")
+    loaded = OTRefinement.load_from_checkpoint(tmp_path / "refine.ckpt")
+    assert torch.equal(loaded.inverse.coef, module.inverse.coef)
+    half = copy.deepcopy(module)  # without the anchor, one step of 0.5 goes half-way to the map's target
+    half.proximal = replace(module.proximal, inverse_weight=0.0, steps=1, eta=0.5)
+    mapped = module.refine_step(z[:64], labels[:64], positions[:64], 2, mode="map")
+    assert torch.allclose(half.refine_step(z[:64], labels[:64], positions[:64], 2, mode="proximal"),
+                          0.5 * (z[:64] + mapped), atol=1e-5)
+
+
+def test_proximal_options_are_checked(gmm_generator: Path) -> None:
+    with pytest.raises(ValueError, match="model.inverse_weight=0.5 needs model.inverse_map: true"):
+        OTRefinement(str(gmm_generator), inverse_weight=0.5)
+    with pytest.raises(ValueError, match="model.proximal_schedule must be one of"):
+        OTRefinement(str(gmm_generator), proximal_schedule="cosine")
+    with pytest.raises(ValueError, match="model.proximal_steps must be >= 1"):
+        OTRefinement(str(gmm_generator), proximal_steps=0)
+    with pytest.raises(ValueError, match="refine='map' needs the entropic map"):
+        OTRefinement(str(gmm_generator), map_pool_samples=0).refine_step(
+            torch.zeros(2, 64), torch.zeros(2).long(), torch.zeros(2).long(), 1, mode="proximal")
