@@ -36,6 +36,16 @@ with probability 0.5 (``refiner_corruption``, its default, fixed before the run)
 for real data; gmm's ground truth judges it by the same criteria. A run folder written before it existed gains it
 on a later call (only that refiner is trained; the other arms are kept).
 
+The variants ``multistep`` and ``inverse`` (added 2026-12-03, session 13, before any run of them; issue 15 item 4)
+are refinement mode ``proximal`` with settings fixed a priori, not tuned on anything (``PROXIMAL_ARMS``): three
+steps ``z <- z + eta_j ((T(z) - z) + lam (z0 - z) + mu (g(x) - z))`` with the batch-independent map ``T`` (the
+``map`` variant's), a harmonic schedule from ``eta`` 0.5 (0.5, 0.25, 0.17) and the proximal weight ``lam`` 0.5;
+``multistep`` has ``mu`` 0, ``inverse`` has ``mu`` 0.5: after each condition update the head re-denoises a token
+``x`` from it (the nested loop) and the token-to-condition map ``g`` (ridge per AR step on the bank's ideal
+conditions, ``inverse_map``) anchors the condition to it. A run folder written before them gains them on a later
+call: the banks and map are rebuilt with the same seed (the ``map`` arm is regenerated once to check that the
+rebuilt map reproduces it; ``info.json`` keeps the difference), and the refinement is saved to ``refinement.pt``.
+
     python benchmarks/condition_error_study.py --jobs 2                # first: the checkpoints
     python benchmarks/refinement_study.py --jobs 2                     # ~30 min on 2 cores (R0, R1)
 
@@ -59,9 +69,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from lightning_ar.io import atomic_write_text  # noqa: E402
 from lightning_ar.nn.trace import GenerationTrace  # noqa: E402
 
-VARIANTS = ("none", "flow", "map", "amortized", "amortized_noisy", "shrink", "temperature")
-REFINEMENTS = ("flow", "map", "amortized", "amortized_noisy")
-ADDABLE = ("amortized_noisy",)  # variants a run folder written before them gains on a later call
+VARIANTS = ("none", "flow", "map", "multistep", "inverse", "amortized", "amortized_noisy", "shrink", "temperature")
+REFINEMENTS = ("flow", "map", "multistep", "inverse", "amortized", "amortized_noisy")
+ADDABLE = ("amortized_noisy", "multistep", "inverse")  # variants a run folder written before them gains later
+PROXIMAL_ARMS = {  # mode ``proximal``'s settings per variant, fixed before any run (ProximalOptions fields)
+    "multistep": {"steps": 3, "eta": 0.5, "schedule": "harmonic", "lam": 0.5, "inverse_weight": 0.0},
+    "inverse": {"steps": 3, "eta": 0.5, "schedule": "harmonic", "lam": 0.5, "inverse_weight": 0.5},
+}
 REFINER_STEPS = 48  # optimizer steps of the amortised refiner after the bank epoch (batches of 256 labels)
 CONTROLS = ("shrink", "temperature")
 REGIMES = ("R0", "R1")
@@ -119,7 +133,8 @@ class _EpochClock:
         self.callback = Clock()
 
 
-def refinement_module(ckpt: Path, source, pool_samples: int, seed: int, context_weight: float = 0.0):
+def refinement_module(ckpt: Path, source, pool_samples: int, seed: int, context_weight: float = 0.0,
+                      inverse_map: bool = False):
     """The untrained ``OTRefinement`` of one checkpoint (its refiner's initial weights seeded by ``seed`` and kept
     in ``refiner_init``), the generator and the set-up data module."""
     import torch
@@ -132,7 +147,7 @@ def refinement_module(ckpt: Path, source, pool_samples: int, seed: int, context_
     module = OTRefinement(gen, source.latent_shape, source.num_classes, float(gen.hparams.latent_scale),
                           bank_capacity=8192, heldout_capacity=2048, teacher_passes=4, map_pool_samples=pool_samples,
                           map_pool_size=8192, map_blur_fraction=2.0, map_context_weight=context_weight, seed=seed,
-                          refiner_objective="exact", refiner_on_policy=True)
+                          refiner_objective="exact", refiner_on_policy=True, inverse_map=inverse_map)
     module.refiner_init = copy.deepcopy(module.refiner.state_dict())  # the noisy-context refiner starts here too
     dm = LatentDataModule(source, batch_size=256)
     dm.setup("fit")
@@ -140,13 +155,13 @@ def refinement_module(ckpt: Path, source, pool_samples: int, seed: int, context_
 
 
 def build_refinement(ckpt: Path, source, pool_samples: int, seed: int, context_weight: float = 0.0,
-                     refiner_steps: int = 0):
+                     refiner_steps: int = 0, inverse_map: bool = False):
     """The refinement of one checkpoint: banks from the train/val splits, the map fitted at the bank epoch's end
     (``context_weight > 0``: the context-aware map, ``map_context_weight``); with ``refiner_steps > 0`` the
     amortised refiner is then trained on-policy on exact targets for that many steps (``module.refiner_stats``)."""
     import lightning as L
 
-    module, gen, dm = refinement_module(ckpt, source, pool_samples, seed, context_weight)
+    module, gen, dm = refinement_module(ckpt, source, pool_samples, seed, context_weight, inverse_map)
     bank_batches = len(dm.train_dataloader())  # the bank epoch's batches count as (empty) optimizer steps too
     clock = _EpochClock()
     trainer = L.Trainer(max_epochs=-1 if refiner_steps else 1, max_steps=bank_batches + refiner_steps, logger=False,
@@ -184,6 +199,20 @@ def train_noisy_refiner(module, dm, steps: int, seed: int):
     stats = {"steps": steps, "seconds": time.perf_counter() - start,
              "final_loss": float(loss.detach()) if loss is not None else None}
     return noisy.eval(), stats
+
+
+def proximal_hooks(module) -> dict:
+    """The hooks of the ``PROXIMAL_ARMS`` variants on a fitted refinement (map, and ``inverse_map``)."""
+    from lightning_ar.nn.inverse_process import ProximalOptions
+
+    hooks, kept = {}, module.proximal
+    try:
+        for name, options in PROXIMAL_ARMS.items():
+            module.proximal = ProximalOptions(**options)
+            hooks[name] = module._hook("proximal")
+    finally:
+        module.proximal = kept
+    return hooks
 
 
 def null_tests(module, source, seed: int) -> dict:
@@ -269,18 +298,19 @@ def run_one(regime: str, seed: int, runs: Path, out: Path, pool_samples: int, nu
     folder = out / regime / f"seed{seed}"
     ckpt = _checkpoint(runs, regime, seed)
     if (folder / "info.json").is_file():
-        return add_variants(folder, ckpt, regime, seed, num_samples)
+        return add_variants(folder, ckpt, regime, seed, num_samples, pool_samples)
     folder.mkdir(parents=True, exist_ok=True)
     _, source = load_run(ckpt, STUDY_REGIMES[regime])
     start = time.perf_counter()
-    module, gen, dm = build_refinement(ckpt, source, pool_samples, seed, refiner_steps=REFINER_STEPS)
+    module, gen, dm = build_refinement(ckpt, source, pool_samples, seed, refiner_steps=REFINER_STEPS,
+                                       inverse_map=True)
     noisy, noisy_stats = train_noisy_refiner(module, dm, REFINER_STEPS, seed)
     info: dict = {"regime": regime, "seed": seed, "map_fit": module.map_fit_stats, "build_seconds":
                   time.perf_counter() - start, "refiner": module.refiner_stats, "refiner_noisy": noisy_stats}
     settings = TruthSettings(num_samples=num_samples, seed=seed)
     labels, scale = labels_for(source, num_samples), float(gen.hparams.latent_scale)
     info["temperature"] = best_temperature(gen, source, settings, scale)
-    hooks = {"none": None, "flow": module._hook("flow"), "map": module._hook("map"),
+    hooks = {"none": None, "flow": module._hook("flow"), "map": module._hook("map"), **proximal_hooks(module),
              "amortized": module._hook("amortized"), "amortized_noisy": AmortizedHook(noisy),
              "shrink": ShrinkControl(module.bank, gen.seq_len, module.flow.options.eta), "temperature": None}
     arms, seconds, sequences = {}, {}, {}
@@ -299,38 +329,71 @@ def run_one(regime: str, seed: int, runs: Path, out: Path, pool_samples: int, nu
     if seed == SEEDS[0]:
         info["null_tests"] = null_tests(module, source, seed)
     save_arms(folder / "arms.npz", arms)
+    save_refinement(folder, module)
     np.savez_compressed(folder / "sequences.npz", labels=labels.numpy(), **sequences)
     atomic_write_text(folder / "info.json", json.dumps(info, indent=1, default=float) + "\n")
     return folder
 
 
-def add_variants(folder: Path, ckpt: Path, regime: str, seed: int, num_samples: int) -> Path:
-    """Give a run folder written before ``amortized_noisy`` existed that arm (same labels, same seed stream as its
-    other arms; the refiner's initial weights seeded as in a fresh run); nothing is done when it has it."""
+def save_refinement(folder: Path, module) -> None:
+    """``folder/refinement.pt``: the refinement's state (banks, map, token-to-condition map, refiner), atomically."""
+    import torch
+
+    tmp = folder / "refinement.tmp.pt"
+    torch.save(module.state_dict(), tmp)
+    tmp.replace(folder / "refinement.pt")
+
+
+def _added_hooks(todo: list[str], ckpt: Path, source, seed: int, pool_samples: int, info: dict):
+    """The hooks of the ``ADDABLE`` variants in ``todo``, the generator, and the rebuilt refinement (or None)."""
+    from lightning_ar.nn.refiners import AmortizedHook
+
+    hooks, module = {}, None
+    if "amortized_noisy" in todo:
+        base, gen, dm = refinement_module(ckpt, source, 0, seed)
+        noisy, info["refiner_noisy"] = train_noisy_refiner(base, dm, REFINER_STEPS, seed)
+        hooks["amortized_noisy"] = AmortizedHook(noisy)
+    if set(todo) & set(PROXIMAL_ARMS):
+        start = time.perf_counter()
+        module, gen, _ = build_refinement(ckpt, source, pool_samples, seed, inverse_map=True)
+        info["proximal_build"] = {"seconds": time.perf_counter() - start, "map_fit": module.map_fit_stats}
+        hooks.update({k: h for k, h in proximal_hooks(module).items() if k in todo})
+    return hooks, gen, module
+
+
+def add_variants(folder: Path, ckpt: Path, regime: str, seed: int, num_samples: int, pool_samples: int) -> Path:
+    """Give a run folder written before some ``ADDABLE`` variants existed those arms (same labels, same seed stream
+    as its other arms; refiner initial weights and banks seeded as in a fresh run); nothing is done when it has them.
+    A rebuilt map regenerates the ``map`` arm once: ``info["proximal_build"]["map_max_abs_diff"]`` to the kept one."""
     import numpy as np
     from condition_error_study import REGIMES as STUDY_REGIMES
     from condition_error_study import load_run
 
-    from lightning_ar.nn.refiners import AmortizedHook
     from lightning_ar.theory.truth_run import TruthSettings, labels_for
     from lightning_ar.theory.truth_stats import load_arms, save_arms
 
     info = json.loads((folder / "info.json").read_text())
-    if all(v in info["seconds"] for v in ADDABLE):
+    todo = [v for v in ADDABLE if v not in info["seconds"]]
+    if not todo:
         return folder
     _, source = load_run(ckpt, STUDY_REGIMES[regime])
-    module, gen, dm = refinement_module(ckpt, source, 0, seed)
-    noisy, info["refiner_noisy"] = train_noisy_refiner(module, dm, REFINER_STEPS, seed)
     settings = TruthSettings(num_samples=num_samples, seed=seed)
-    labels, scale = labels_for(source, num_samples), float(gen.hparams.latent_scale)
+    labels = labels_for(source, num_samples)
     with np.load(folder / "sequences.npz") as data:
         sequences = {k: data[k] for k in data.files}
     if not np.array_equal(sequences["labels"], labels.numpy()):
         raise ValueError(f"{folder}: its labels are not those of --samples {num_samples}; rerun it whole")
-    arms = load_arms(folder / "arms.npz")
-    _, arms["amortized_noisy"], info["seconds"]["amortized_noisy"], sequences["amortized_noisy"] = _generate_arm(
-        gen, source, labels, settings, AmortizedHook(noisy), float(gen.hparams.temperature), scale)
-    info["added"] = {**info.get("added", {}), "amortized_noisy": time.strftime("%Y-%m-%d")}
+    hooks, gen, module = _added_hooks(todo, ckpt, source, seed, pool_samples, info)
+    scale, arms = float(gen.hparams.latent_scale), load_arms(folder / "arms.npz")
+    if module is not None:
+        *_, again = _generate_arm(gen, source, labels, settings, module._hook("map"), float(gen.hparams.temperature),
+                                  scale)
+        info["proximal_build"]["map_max_abs_diff"] = float(np.abs(again - sequences["map"]).max())
+        save_refinement(folder, module)
+    for name, hook in hooks.items():
+        _, arms[name], info["seconds"][name], sequences[name] = _generate_arm(
+            gen, source, labels, settings, hook, float(gen.hparams.temperature), scale)
+        info["added"] = {**info.get("added", {}), name: time.strftime("%Y-%m-%d")}
     save_arms(folder / "arms.npz", arms)
     tmp = folder / "sequences.tmp.npz"
     np.savez_compressed(tmp, **sequences)
