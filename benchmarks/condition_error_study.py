@@ -134,9 +134,10 @@ def run_dir(out: Path, regime: str, seed: int) -> Path:
     return out / regime / f"seed{seed}"
 
 
-def fit_task(regime: str, seed: int, tier: Tier, out: Path):
-    """Train one (regime, seed) through the CLI; returns its checkpoint."""
-    reg, root = REGIMES[regime], run_dir(out, regime, seed)
+def fit_task(regime: str, seed: int, tier: Tier, out: Path, reg: Regime | None = None):
+    """Train one (regime, seed) through the CLI (``reg``: a variant of the regime, default ``REGIMES[regime]``);
+    returns its checkpoint."""
+    reg, root = reg or REGIMES[regime], run_dir(out, regime, seed)
     config = REPO / "configs" / "gmm" / reg.config
     steps = tier.max_steps or config_steps(config)
     steps = max(1, round(steps * reg.budget_fraction))

@@ -46,6 +46,14 @@ conditions, ``inverse_map``) anchors the condition to it. A run folder written b
 call: the banks and map are rebuilt with the same seed (the ``map`` arm is regenerated once to check that the
 rebuilt map reproduces it; ``info.json`` keeps the difference), and the refinement is saved to ``refinement.pt``.
 
+The variant ``mask_remedy`` (added 2026-12-03, session 14, before any run of it; issue 15 items 6 and 8) is the
+training-time competitor of the refinements: the regime's generator retrained through the CLI with the same config,
+seed and budget and ``--model.init_args.mask_ratio_min 0`` (``REMEDY``: R1's setting, fixed by the condition-error
+study, not tuned), sampled with no refinement on the same labels and seed stream. It is judged by the same WORKING
+conditions as the refinements (the gap is that of the regime's own model), and its cost share is 0 (it costs a
+training run instead; ``info["remedy_fit"]``). It is not run on R1, which is R0's remedy. Its checkpoints go to
+``--out``/remedy/<regime>/seed<k>/ (a finished fit is reused).
+
     python benchmarks/condition_error_study.py --jobs 2                # first: the checkpoints
     python benchmarks/refinement_study.py --jobs 2                     # ~30 min on 2 cores (R0, R1)
 
@@ -69,9 +77,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from lightning_ar.io import atomic_write_text  # noqa: E402
 from lightning_ar.nn.trace import GenerationTrace  # noqa: E402
 
-VARIANTS = ("none", "flow", "map", "multistep", "inverse", "amortized", "amortized_noisy", "shrink", "temperature")
+VARIANTS = ("none", "flow", "map", "multistep", "inverse", "amortized", "amortized_noisy", "mask_remedy", "shrink",
+            "temperature")
 REFINEMENTS = ("flow", "map", "multistep", "inverse", "amortized", "amortized_noisy")
-ADDABLE = ("amortized_noisy", "multistep", "inverse")  # variants a run folder written before them gains later
+CANDIDATES = (*REFINEMENTS, "mask_remedy")  # what the WORKING verdict may name
+ADDABLE = ("amortized_noisy", "multistep", "inverse", "mask_remedy")  # variants a folder written before them gains
+REMEDY = ("--model.init_args.mask_ratio_min", "0.0")  # mask_remedy's training option (R1's), fixed before any run
 PROXIMAL_ARMS = {  # mode ``proximal``'s settings per variant, fixed before any run (ProximalOptions fields)
     "multistep": {"steps": 3, "eta": 0.5, "schedule": "harmonic", "lam": 0.5, "inverse_weight": 0.0},
     "inverse": {"steps": 3, "eta": 0.5, "schedule": "harmonic", "lam": 0.5, "inverse_weight": 0.5},
@@ -332,7 +343,22 @@ def run_one(regime: str, seed: int, runs: Path, out: Path, pool_samples: int, nu
     save_refinement(folder, module)
     np.savez_compressed(folder / "sequences.npz", labels=labels.numpy(), **sequences)
     atomic_write_text(folder / "info.json", json.dumps(info, indent=1, default=float) + "\n")
-    return folder
+    return add_variants(folder, ckpt, regime, seed, num_samples, pool_samples)
+
+
+def remedy_generator(regime: str, seed: int, out: Path, info: dict):
+    """``mask_remedy``'s generator: the regime retrained with ``REMEDY`` (same config, seed, budget) through the CLI
+    under ``out/remedy``; a finished fit is reused. Its fit record goes to ``info["remedy_fit"]``."""
+    from dataclasses import replace
+
+    import condition_error_study as ces
+
+    reg = ces.REGIMES[regime]
+    variant = replace(reg, extra=(*reg.extra, *REMEDY), description=f"{reg.description}, mask_ratio_min 0")
+    ckpt = ces.fit_task(regime, seed, ces.TIERS["full"], out / "remedy", variant)()
+    info["remedy_fit"] = json.loads((ces.run_dir(out / "remedy", regime, seed) / "fit.log.done").read_text())
+    gen, _ = ces.load_run(ckpt, variant)
+    return gen
 
 
 def save_refinement(folder: Path, module) -> None:
@@ -348,7 +374,7 @@ def _added_hooks(todo: list[str], ckpt: Path, source, seed: int, pool_samples: i
     """The hooks of the ``ADDABLE`` variants in ``todo``, the generator, and the rebuilt refinement (or None)."""
     from lightning_ar.nn.refiners import AmortizedHook
 
-    hooks, module = {}, None
+    hooks, gen, module = {}, None, None
     if "amortized_noisy" in todo:
         base, gen, dm = refinement_module(ckpt, source, 0, seed)
         noisy, info["refiner_noisy"] = train_noisy_refiner(base, dm, REFINER_STEPS, seed)
@@ -373,7 +399,7 @@ def add_variants(folder: Path, ckpt: Path, regime: str, seed: int, num_samples: 
     from lightning_ar.theory.truth_stats import load_arms, save_arms
 
     info = json.loads((folder / "info.json").read_text())
-    todo = [v for v in ADDABLE if v not in info["seconds"]]
+    todo = [v for v in ADDABLE if v not in info["seconds"] and not (v == "mask_remedy" and regime == "R1")]
     if not todo:
         return folder
     _, source = load_run(ckpt, STUDY_REGIMES[regime])
@@ -384,15 +410,20 @@ def add_variants(folder: Path, ckpt: Path, regime: str, seed: int, num_samples: 
     if not np.array_equal(sequences["labels"], labels.numpy()):
         raise ValueError(f"{folder}: its labels are not those of --samples {num_samples}; rerun it whole")
     hooks, gen, module = _added_hooks(todo, ckpt, source, seed, pool_samples, info)
-    scale, arms = float(gen.hparams.latent_scale), load_arms(folder / "arms.npz")
+    gens = {name: gen for name in hooks}
+    if "mask_remedy" in todo:
+        hooks["mask_remedy"], gens["mask_remedy"] = None, remedy_generator(regime, seed, folder.parents[1], info)
+    arms = load_arms(folder / "arms.npz")
     if module is not None:
+        scale = float(gen.hparams.latent_scale)
         *_, again = _generate_arm(gen, source, labels, settings, module._hook("map"), float(gen.hparams.temperature),
                                   scale)
         info["proximal_build"]["map_max_abs_diff"] = float(np.abs(again - sequences["map"]).max())
         save_refinement(folder, module)
     for name, hook in hooks.items():
+        g = gens[name]
         _, arms[name], info["seconds"][name], sequences[name] = _generate_arm(
-            gen, source, labels, settings, hook, float(gen.hparams.temperature), scale)
+            g, source, labels, settings, hook, float(g.hparams.temperature), float(g.hparams.latent_scale))
         info["added"] = {**info.get("added", {}), name: time.strftime("%Y-%m-%d")}
     save_arms(folder / "arms.npz", arms)
     tmp = folder / "sequences.tmp.npz"
@@ -460,7 +491,7 @@ def _verdict(reg: dict, gap: dict) -> str:
     if not ((gap["lo"] > 0 or gap["hi"] < 0) and abs(gap["value"]) > 3 * gap["se"]):
         return "VACUOUS"
     rows = reg["variants"]
-    refinements = [v for v in REFINEMENTS if v in rows]
+    refinements = [v for v in CANDIDATES if v in rows]
     best_control = min(rows[c]["d_late_kl"]["value"] for c in CONTROLS)
     winners = [v for v in refinements if rows[v]["gap_closed"] >= 0.25
                and -rows[v]["d_sequence_excess"]["value"] > 2 * rows[v]["d_sequence_excess"]["se"]
