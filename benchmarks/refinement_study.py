@@ -145,9 +145,10 @@ class _EpochClock:
 
 
 def refinement_module(ckpt: Path, source, pool_samples: int, seed: int, context_weight: float = 0.0,
-                      inverse_map: bool = False):
+                      inverse_map: bool = False, options: dict | None = None):
     """The untrained ``OTRefinement`` of one checkpoint (its refiner's initial weights seeded by ``seed`` and kept
-    in ``refiner_init``), the generator and the set-up data module."""
+    in ``refiner_init``), the generator and the set-up data module; ``options`` override the gmm study's settings
+    (``OTRefinement`` arguments)."""
     import torch
 
     from lightning_ar import LatentDataModule, OTRefinement
@@ -155,10 +156,11 @@ def refinement_module(ckpt: Path, source, pool_samples: int, seed: int, context_
 
     gen = MARGenerator.load_from_checkpoint(ckpt, map_location="cpu").eval()
     torch.manual_seed(seed)
+    settings = {"bank_capacity": 8192, "heldout_capacity": 2048, "teacher_passes": 4, "map_pool_size": 8192,
+                "map_blur_fraction": 2.0, "refiner_objective": "exact", "refiner_on_policy": True, **(options or {})}
     module = OTRefinement(gen, source.latent_shape, source.num_classes, float(gen.hparams.latent_scale),
-                          bank_capacity=8192, heldout_capacity=2048, teacher_passes=4, map_pool_samples=pool_samples,
-                          map_pool_size=8192, map_blur_fraction=2.0, map_context_weight=context_weight, seed=seed,
-                          refiner_objective="exact", refiner_on_policy=True, inverse_map=inverse_map)
+                          map_pool_samples=pool_samples, map_context_weight=context_weight, seed=seed,
+                          inverse_map=inverse_map, **settings)
     module.refiner_init = copy.deepcopy(module.refiner.state_dict())  # the noisy-context refiner starts here too
     dm = LatentDataModule(source, batch_size=256)
     dm.setup("fit")
@@ -166,13 +168,13 @@ def refinement_module(ckpt: Path, source, pool_samples: int, seed: int, context_
 
 
 def build_refinement(ckpt: Path, source, pool_samples: int, seed: int, context_weight: float = 0.0,
-                     refiner_steps: int = 0, inverse_map: bool = False):
+                     refiner_steps: int = 0, inverse_map: bool = False, options: dict | None = None):
     """The refinement of one checkpoint: banks from the train/val splits, the map fitted at the bank epoch's end
     (``context_weight > 0``: the context-aware map, ``map_context_weight``); with ``refiner_steps > 0`` the
     amortised refiner is then trained on-policy on exact targets for that many steps (``module.refiner_stats``)."""
     import lightning as L
 
-    module, gen, dm = refinement_module(ckpt, source, pool_samples, seed, context_weight, inverse_map)
+    module, gen, dm = refinement_module(ckpt, source, pool_samples, seed, context_weight, inverse_map, options)
     bank_batches = len(dm.train_dataloader())  # the bank epoch's batches count as (empty) optimizer steps too
     clock = _EpochClock()
     trainer = L.Trainer(max_epochs=-1 if refiner_steps else 1, max_steps=bank_batches + refiner_steps, logger=False,
