@@ -10,6 +10,7 @@ import pytest
 
 from lightning_ar.cli import main
 from lightning_ar.config_files import CONFIG_DIR, available_configs, config_path
+from lightning_ar.demo import study_summary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,9 +33,10 @@ def test_configs_tool_prints_paths(capsys: pytest.CaptureFixture) -> None:
     assert "gmm/mar.yaml" in capsys.readouterr().out.split()
 
 
-def test_demo_pipeline_with_debug_overlays(tmp_path: Path) -> None:
+def test_demo_pipeline_with_debug_overlays(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "demo"
     main(["demo", "--debug", "--out", str(out), "--trainer.enable_progress_bar=false"])
+    assert "What the committed study measured (refinement-study-digits.json" in capsys.readouterr().out
     for path in ("fit/checkpoints/last.ckpt", "test/samples/test_latest.png", "refine/checkpoints/last.ckpt",
                  "results.md"):
         assert (out / path).is_file(), path
@@ -45,3 +47,22 @@ def test_demo_pipeline_with_debug_overlays(tmp_path: Path) -> None:
     # same test batches and seeds: refinement mode `none` reproduces the generator's own row
     assert rows["mar + refine=none"]["fid"] == rows["mar (default)"]["fid"]
     assert rows["mar + refine=flow"]["refine_share"] > 0
+
+
+def test_study_summary_reads_the_committed_digits_study(tmp_path: Path) -> None:
+    """The demo's evidence table is the committed study's numbers, each variant's CI read as the study reads it;
+    an installed copy without ``benchmarks/`` prints none."""
+    study = json.loads((REPO / "benchmarks/results/refinement-study-digits.json").read_text())
+    table = study_summary()
+    assert f"verdict **{study['verdict']}**" in table
+    for name, diff in study["differences"].items():
+        fid = diff["fid"]
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert f"{fid['estimate']:+.2f} [{fid['low']:+.2f}, {fid['high']:+.2f}]" in row
+        expected = "raises FID" if fid["low"] > 0 else "lowers FID" if fid["high"] < 0 else "not resolved"
+        assert expected in row
+    fake = tmp_path / "study.json"
+    fake.write_text(json.dumps({**study, "differences": {"x": {"fid": {"estimate": -2.0, "low": -3.0, "high": -1.0}}},
+                                "cost_share": {"x": 0.05}}))
+    assert "| x | -2.00 [-3.00, -1.00] | lowers FID | 5.0% |" in study_summary(fake)
+    assert study_summary(tmp_path / "absent.json") is None
