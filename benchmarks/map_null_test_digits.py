@@ -57,7 +57,7 @@ def geometry(z, labels, positions, seq_len: int) -> dict:
     return {"within_spread": within, "nearest_other_position": float(nearest[finite].pow(2).mean().sqrt())}
 
 
-def run(ckpt: Path, seed: int) -> dict:
+def run(ckpt: Path, seed: int, threads: int = 2) -> dict:
     import torch
     from refinement_study import build_refinement
     from refinement_study_digits import refine_options
@@ -68,7 +68,7 @@ def run(ckpt: Path, seed: int) -> dict:
     from lightning_ar.nn.teacher_forcing import masked_before, teacher_forced_conditions
     from lightning_ar.theory.dispersion import null_test
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     source, t0 = DigitsSource(), time.perf_counter()
     module, gen, _ = build_refinement(ckpt, source, 0, seed, options=refine_options())  # banks only (no map)
     out: dict = {"checkpoint": str(ckpt), "bank_seconds": time.perf_counter() - t0, "geometry": {}, "settings": {}}
@@ -124,12 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt", default=str(REPO / "outputs/refinement_study_digits/seed0/mar/fit/checkpoints/"
                                                    "last.ckpt"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     opts = parser.parse_args(argv)
     ckpt = Path(opts.ckpt)
     if not ckpt.is_file():
         raise SystemExit(f"--ckpt {ckpt}: no checkpoint; run `python benchmarks/refinement_study_digits.py` first")
-    res = run(ckpt, opts.seed)
+    res = run(ckpt, opts.seed, opts.threads)
     results = Path(opts.results)
     atomic_write_text(results / "map-null-test-digits.json", json.dumps(res, indent=1, default=float) + "\n")
     atomic_write_text(results / "map-null-test-digits.md", markdown(res))
