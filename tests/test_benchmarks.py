@@ -92,3 +92,25 @@ def test_compare_reference_refuses_a_folder_that_is_not_a_mar_checkout(tmp_path:
 
     with pytest.raises(SystemExit, match="is not a checkout of LTH14/mar"):
         compare_reference.main([str(tmp_path), "--rounds", "1", "--steps", "1", "--configs", "digits"])
+
+
+def _study_row(closed: float, d_seq: float, d_sw: float, min_eig: float, d_kl: float) -> dict:
+    se = {"se": 0.01}
+    return {"gap_closed": closed, "d_sequence_excess": {"value": d_seq, **se}, "d_sliced_w2": {"value": d_sw, **se},
+            "late_min_eig": {"value": min_eig}, "d_late_kl": {"value": d_kl}}
+
+
+def test_refinement_study_verdict_needs_a_positive_gap() -> None:
+    """The pre-registered rule: a gap is a positive GEN - TF late KL above 3 SE; a resolved negative gap is VACUOUS."""
+    import refinement_study as rs
+
+    control = _study_row(0.0, 0.0, 0.0, 1.0, -0.01)
+    rows = {"map": _study_row(0.5, -0.1, -0.1, 1.0, -0.05), "shrink": control, "temperature": control}
+    positive = {"value": 0.10, "lo": 0.05, "hi": 0.15, "se": 0.02}
+    assert rs._verdict({"variants": rows}, positive) == "WORKING (map)"  # positive control of the rule
+    negative = {"value": -1.29, "lo": -1.41, "hi": -1.17, "se": 0.06}
+    assert rs._verdict({"variants": rows}, negative) == "VACUOUS"
+    small = {"value": 0.04, "lo": 0.001, "hi": 0.08, "se": 0.02}  # CI excludes 0 but under 3 SE
+    assert rs._verdict({"variants": rows}, small) == "VACUOUS"
+    rows["map"] = _study_row(0.05, -0.1, -0.1, 1.0, -0.05)
+    assert rs._verdict({"variants": rows}, positive) == "NOT WORKING"
