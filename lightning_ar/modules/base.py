@@ -64,17 +64,17 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
             batch size, world size), then constant (MAR: 100); excludes ``lr_scheduler``. ``None``: no warmup.
         compile: Train through ``torch.compile``: the pure part of the loss (transformer, head and loss arithmetic,
             after the step's random draws) is compiled once per shape; MAR's masked count takes at most
-            ``mask_buckets`` values, so no batch recompiles after those. Sampling stays eager. Torch keeps the graphs
-            per function: several compiled models in one process share its recompile limit (8 graphs); call
-            ``torch._dynamo.reset()`` between them.
+            ``mask_buckets`` values, so no batch recompiles after those (sampling: ``compile_sampler``). Torch keeps
+            the graphs per function: several compiled models in one process share its recompile limit (8 graphs);
+            call ``torch._dynamo.reset()`` between them.
         compile_options: Keyword arguments of ``torch.compile`` (``backend``, ``mode``, ...) over our default
             ``dynamic: false`` (one specialised graph per shape, as CUDA graphs need); ``None``: torch's other defaults
             (inductor).
         **sampling: The default sampling options, each a flat option of its own (``--model.cfg``, ...): the fields of
             :class:`~lightning_ar.nn.SamplingOptions` (``num_iter``, ``cfg``, ``cfg_schedule``, ``temperature``,
-            ``num_sampling_steps``, ``sampler``; types, choices and help come from there). Keys Lightning stores
-            beside the hyper-parameters (``_class_path``, ...) and hands back when loading a checkpoint are ignored;
-            any other name is a ``TypeError``.
+            ``num_sampling_steps``, ``sampler``, ``compile_sampler``; types, choices and help come from there). Keys
+            Lightning stores beside the hyper-parameters (``_class_path``, ...) and hands back when loading a
+            checkpoint are ignored; any other name is a ``TypeError``.
     """
 
     def __init__(
@@ -221,7 +221,8 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
             progress: Show a progress bar over AR steps; ``None`` (default): shown when called from Python,
                 notebooks or tools, hidden inside a running Trainer stage (Lightning's bar reports there).
             **overrides: Fields of :class:`SamplingOptions` for this call (``num_iter``, ``cfg``, ``cfg_schedule``,
-                ``temperature``, ``num_sampling_steps``, ``sampler``); a ``None`` keeps the default.
+                ``temperature``, ``num_sampling_steps``, ``sampler``, ``compile_sampler``); a ``None`` keeps the
+                default.
 
         Returns:
             ``[B, C, H, W]`` latents in the data's unscaled (VAE) space.

@@ -128,10 +128,11 @@ class AdaLNMLPDenoiser(nn.Module):
         """Denoiser output from a ready conditioning vector ``c`` ``[N, width]`` (``time_embed(t) + cond_embed(z)``).
 
         Samplers use it to embed the conditions once per AR step and the (shared) timestep once per denoising step.
-        Without autograd (sampling) all modulations come from one stacked matrix product (:meth:`modulations`).
+        Without autograd (sampling) all modulations come from one stacked matrix product (:meth:`modulations`),
+        except inside ``torch.compile`` (the weight cache is Python state; the compiler fuses the per-block path).
         """
         h = self.input_proj(x)  # (N, W)
-        if torch.is_grad_enabled():  # training: stacking the weights (and splitting their gradients) costs more
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # stacking costs more with autograd
             for block in self.blocks:
                 h = block(h, c)
             return self.final(h, c)

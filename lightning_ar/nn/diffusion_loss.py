@@ -10,8 +10,9 @@ noise predictions of a conditional and a null batch of conditions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
@@ -84,6 +85,10 @@ class DiffusionLoss(nn.Module):
         timestep_spacing: Where the sampling timesteps lie (diffusers' ``timestep_spacing``): ``leading``
             (``990, 980, ..., 0`` for 100 of 1000 steps), ``linspace`` (``999, 989, ..., 0``: MAR's respacing, used
             for imported MAR weights) or ``trailing`` (``999, 989, ..., 9``).
+
+    Attributes:
+        sampler_compile_options: Keyword arguments of ``torch.compile`` for ``compile_sampler`` (over
+            ``dynamic=True``; default: torch's inductor); set before the first compiled sampling call.
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class DiffusionLoss(nn.Module):
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
         self.token_dim, self.learn_sigma = token_dim, learn_sigma
+        self.sampler_compile_options: dict[str, Any] = {}
         self.net = AdaLNMLPDenoiser(token_dim, cond_dim, width, depth, learn_sigma)
         self.scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps,
@@ -182,7 +188,8 @@ class DiffusionLoss(nn.Module):
         nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var).mean(dim=-1) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
-    def _denoise(self, x: Tensor, t_emb: Tensor, cond: Tensor, cfg: float) -> tuple[Tensor, Tensor | None]:
+    def _denoise(self, x: Tensor, t_emb: Tensor, cond: Tensor,
+                 cfg: float | Tensor) -> tuple[Tensor, Tensor | None]:
         """Noise ``[N, D]`` and variance interpolation for one step.
 
         ``cond`` is the embedded condition ``net.cond_embed(z)``: ``[N, W]``, or ``[2N, W]`` (conditional rows then
@@ -214,6 +221,45 @@ class DiffusionLoss(nn.Module):
             return [self.net.time_embed(torch.full((1,), t, device=device, dtype=torch.long)) for t in timesteps]
         return cached_on_params(self, "_time_embedding_cache", self.net.parameters(),
                                 (timesteps, device), build)
+
+    def _ddpm_table(self, timesteps: tuple[int, ...]) -> Tensor:
+        """``[S, 7]``: the fields of each step's :class:`DDPMStepCoefficients` in field order (the compiled step's
+        input: one tensor per step, so no step recompiles)."""
+        def build() -> Tensor:
+            return torch.stack([torch.stack([getattr(step, f.name) for f in fields(DDPMStepCoefficients)])
+                                for step in self._ddpm_plan(timesteps)])
+        return cached_on_params(self, "_ddpm_table_cache", [self.alphas_cumprod], timesteps, build)
+
+    def ddpm_update(self, x: Tensor, cond: Tensor, t_emb: Tensor, cfg: Tensor, coefficients: Tensor,
+                    noise: Tensor | None) -> Tensor:
+        """One DDPM denoising step as a pure function of tensors (what ``compile_sampler`` compiles).
+
+        Args:
+            x: ``[N, token_dim]`` current noisy tokens.
+            cond: ``[N, W]`` or ``[2N, W]`` embedded conditions (with the null rows for guidance).
+            t_emb: ``[1, W]`` the step's timestep embedding.
+            cfg: ``[]`` guidance scale (a tensor, so a schedule of scales compiles once).
+            coefficients: ``[7]`` the step's row of :meth:`_ddpm_table`.
+            noise: ``[N, token_dim]`` scaled noise, or ``None`` on the last step.
+
+        Returns:
+            ``[N, token_dim]`` the tokens after the step.
+        """
+        eps, v = self._denoise(x, t_emb, cond, cfg)
+        return self._ddpm_step(x, eps, v, DDPMStepCoefficients(*coefficients.unbind()), noise)
+
+    def _compiled_update(self) -> Callable[..., Tensor]:
+        """:meth:`ddpm_update` through ``torch.compile`` (``dynamic=True``, over ``sampler_compile_options``), built
+        once per module; not state (pickling or copying drops it)."""
+        if "_compiled_ddpm" not in self.__dict__:
+            options = {"dynamic": True, **self.sampler_compile_options}
+            self.__dict__["_compiled_ddpm"] = torch.compile(self.ddpm_update, **options)
+        return self.__dict__["_compiled_ddpm"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_compiled_ddpm", None)
+        return state
 
     def _ddpm_step(self, x: Tensor, eps: Tensor, v: Tensor | None, step: DDPMStepCoefficients,
                    noise: Tensor | None) -> Tensor:
@@ -294,9 +340,22 @@ class DiffusionLoss(nn.Module):
                 eps, _ = self._denoise(x, t_emb, cond, cfg)
                 x = scheduler.step(eps, t, x).prev_sample
             return x
+        if options.compile_sampler:
+            return self._sample_compiled(x, cond, cfg, timesteps, t_embs, temperature, generator)
         for i, (step, t_emb) in enumerate(zip(self._ddpm_plan(timesteps), t_embs)):
             eps, v = self._denoise(x, t_emb, cond, cfg)
             last = i == len(timesteps) - 1
             noise = None if last else torch.randn(x.shape, device=x.device, generator=generator) * temperature
             x = self._ddpm_step(x, eps, v, step, noise)
+        return x
+
+    def _sample_compiled(self, x: Tensor, cond: Tensor, cfg: float, timesteps: tuple[int, ...], t_embs: list[Tensor],
+                         temperature: float, generator: torch.Generator | None) -> Tensor:
+        """The DDPM loop of :meth:`sample` through the compiled :meth:`ddpm_update` (the same noise draws)."""
+        update, table = self._compiled_update(), self._ddpm_table(timesteps)
+        cfg_t = torch.tensor(float(cfg), device=x.device)
+        for i, t_emb in enumerate(t_embs):
+            last = i == len(timesteps) - 1
+            noise = None if last else torch.randn(x.shape, device=x.device, generator=generator) * temperature
+            x = update(x, cond, t_emb, cfg_t, table[i], noise)
         return x
