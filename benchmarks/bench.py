@@ -11,6 +11,8 @@ Prints one JSON document and writes it to ``<out>/bench-<UTC time>.json`` and ``
 - ``compiled_training.<config>``: eager against ``compile: true`` (inductor, fp32) training steps with every token
   masked in both (``mask_buckets: 1``: one graph), their ratio, the compile seconds and the relative loss difference
   on one fixed batch (minutes of compilation on a CPU; ``--no-compile`` skips it, ``--only compiled`` runs only it);
+- ``compiled_sampling.<config>``: eager against ``compile_sampler`` generation (DDPM-100, cfg 3, 8 AR steps), seconds
+  per image, their ratio, the compile seconds and the largest latent difference (skipped and run alike);
 - ``sampling.<sampler>``: images/s and seconds per image of the ImageNet-shaped config at 64 AR steps with CFG;
 - ``refinement``: the share of digits sampling time spent in the ``flow`` and ``amortized`` refinement at their
   defaults (a trained generator with ``--digits-ckpt``, else a random one, recorded in ``generator``);
@@ -198,6 +200,34 @@ def compiled_training(name: str, quick: bool, backend: str = "inductor") -> dict
             "compile_s": round(first - comp, 1), "loss_rel_diff": abs(loss_c - loss_e) / abs(loss_e)}
 
 
+def compiled_sampling(name: str, quick: bool, backend: str = "inductor") -> dict[str, Any]:
+    """Eager against ``compile_sampler`` generation (fp32, DDPM-100, cfg 3 linear, 8 AR steps; quick: DDPM-10) on one
+    config with trained-like (random, non-zero) head weights; the first compiled call's extra seconds are the
+    compile time, ``max_abs_diff`` compares the two samplers' latents (same seed)."""
+    config, _ = CONFIGS[name]
+    model = make_generator(config, num_iter=8, cfg=3.0, num_sampling_steps=10 if quick else 100).eval()
+    with torch.no_grad():
+        for p in model.head.parameters():  # zero-initialised modulations would make every block the identity
+            p.normal_(0, 0.02, generator=torch.Generator().manual_seed(p.numel()))
+    model.head.sampler_compile_options = {"backend": backend}
+    labels = torch.arange(2 if quick else 8)
+
+    def generate(compiled: bool) -> torch.Tensor:
+        return model.generate(labels, compile_sampler=compiled, generator=torch.Generator().manual_seed(0),
+                              progress=False)
+
+    start = time.perf_counter()
+    first = generate(True)
+    first_s = time.perf_counter() - start
+    seconds = {mode: timed(lambda m=mode: generate(m == "compiled"), 1.0 if quick else 4.0, warmup=0)
+               for mode in ("eager", "compiled")}
+    return {"backend": backend, "batch": len(labels), "eager_sec_per_image": round(seconds["eager"] / len(labels), 4),
+            "compiled_sec_per_image": round(seconds["compiled"] / len(labels), 4),
+            "speedup": round(seconds["eager"] / seconds["compiled"], 3),
+            "compile_s": round(first_s - seconds["compiled"], 1),
+            "max_abs_diff": float((first - generate(False)).abs().max())}
+
+
 def sampling(quick: bool) -> dict[str, Any]:
     """Seconds per image of the ImageNet-shaped config at 64 AR steps, cfg 3 (linear), for each sampler."""
     model = make_generator(IMAGENET_SMALL, num_iter=64, cfg=3.0).eval()
@@ -268,6 +298,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t["bf16_vs_fp32_throughput"] = round(t["bf16-mixed"]["samples_per_s"] / t["fp32"]["samples_per_s"], 3)
     if not args.no_compile:
         doc["compiled_training"] = {name: compiled_training(name, args.quick) for name in CONFIGS}
+        doc["compiled_sampling"] = {name: compiled_sampling(name, args.quick) for name in CONFIGS}
     doc["sampling"] = sampling(args.quick)
     doc["refinement"] = refinement(args.digits_ckpt, args.quick)
     if args.digits_ckpt:
@@ -276,10 +307,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_compiled(args: argparse.Namespace) -> dict[str, Any]:
-    """Only :func:`compiled_training` for each config (``--only compiled``)."""
+    """Only :func:`compiled_training` and :func:`compiled_sampling` for each config (``--only compiled``)."""
     torch.set_num_threads(args.threads or torch.get_num_threads())
     return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
-            "compiled_training": {name: compiled_training(name, args.quick) for name in CONFIGS}}
+            "compiled_training": {name: compiled_training(name, args.quick) for name in CONFIGS},
+            "compiled_sampling": {name: compiled_sampling(name, args.quick) for name in CONFIGS}}
 
 
 def sampler_quality(ckpt: str, seeds: int) -> dict[str, Any]:

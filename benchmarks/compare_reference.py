@@ -8,7 +8,8 @@ hard-coded ``.cuda()`` calls are made no-ops on CPU for the duration of its call
 architecture (checked: parameter counts printed side by side), the same batch and fp32; each round times training
 steps (forward, backward, AdamW step) and one guided DDPM-100 generation of each model, alternating which goes first.
 Ratios are reference time / our time (> 1: we are faster), medians over the rounds. ``--compiled`` adds our
-``compile: true`` training beside them (``compiled_train_ratio``). Never run in CI.
+``compile: true`` training and our ``compile_sampler`` sampling beside them (``compiled_train_ratio``,
+``compiled_sample_ratio``). Never run in CI.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def compare(ref_dir: Path, name: str, cfg: dict[str, int], rounds: int, steps: i
     ``bf16-mixed`` runs all under CPU autocast to bfloat16 (weights and optimizer stay float32). Our training step
     ``j`` draws its mask ratio, orders and noise from seed ``j`` (the ratio varies from step to step as the
     reference's does). ``compiled``: also our ``compile: true`` model (compiled for every masked count first; same
-    seeds), training only."""
+    seeds) and our sampling with ``compile_sampler`` (compiled in a first call; ``compiled_sample_max_abs_diff``:
+    its latents against the eager sampler's, same seed)."""
     def autocast() -> Any:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
@@ -138,10 +140,10 @@ def compare(ref_dir: Path, name: str, cfg: dict[str, int], rounds: int, steps: i
             ref.eval().sample_tokens(cfg["samples"], num_iter=cfg["num_iter"], cfg=CFG, labels=sample_labels)
         ref.train()
 
-    def our_sample() -> None:
+    def our_sample(compile_sampler: bool = False) -> torch.Tensor:
         with autocast():
-            ours.generate(sample_labels, num_iter=cfg["num_iter"], cfg=CFG, progress=False,
-                          generator=torch.Generator().manual_seed(0))
+            return ours.generate(sample_labels, num_iter=cfg["num_iter"], cfg=CFG, progress=False,
+                                 generator=torch.Generator().manual_seed(0), compile_sampler=compile_sampler)
 
     players = [("ref", ref_train, ref_sample), ("our", trainer(ours), our_sample)]
     extra: dict[str, Any] = {}
@@ -151,7 +153,11 @@ def compare(ref_dir: Path, name: str, cfg: dict[str, int], rounds: int, steps: i
         fast.load_state_dict(ours.state_dict())
         with autocast():
             extra["compile_seconds"] = compile_every_count(fast, latents, labels)
-        players.append(("compiled", trainer(fast), None))
+        start = time.perf_counter()
+        compiled_latents = our_sample(True)  # compiles the head's step
+        extra["compile_sampler_seconds"] = time.perf_counter() - start
+        extra["compiled_sample_max_abs_diff"] = float((compiled_latents - our_sample()).abs().max())
+        players.append(("compiled", trainer(fast), lambda: our_sample(True)))
     times: dict[str, list[float]] = {f"{who}_{what}": [] for who, _, sample in players
                                      for what in ("train", "sample") if what == "train" or sample is not None}
     for _, train, _ in players:
@@ -164,6 +170,7 @@ def compare(ref_dir: Path, name: str, cfg: dict[str, int], rounds: int, steps: i
     med = {k: statistics.median(v) for k, v in times.items()}
     if compiled:
         extra["compiled_train_ratio"] = med["ref_train"] / med["compiled_train"]
+        extra["compiled_sample_ratio"] = med["ref_sample"] / med["compiled_sample"]
     return {
         "config": name, **cfg, "cfg": CFG, "sampling_steps": SAMPLING_STEPS, "threads": torch.get_num_threads(),
         "params_reference": sum(p.numel() for p in ref.parameters()),
@@ -184,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--precision", choices=("fp32", "bf16-mixed"), default="fp32",
                         help="bf16-mixed: CPU autocast to bfloat16 for both models")
     parser.add_argument("--compiled", action="store_true",
-                        help="also time our compile: true training (minutes of compilation per config)")
+                        help="also time our compile: true training and compile_sampler sampling (minutes of "
+                             "compilation per config)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     opts = parser.parse_args(argv)
     if opts.rounds < 1 or opts.steps < 1:

@@ -54,6 +54,14 @@ def test_compiled_training_figures_compare_the_same_loss() -> None:
     assert row["loss_rel_diff"] < 1e-6 and row["compile_s"] > -1.0
 
 
+def test_compiled_sampling_figures_compare_the_same_samples() -> None:
+    """The compiled sampling path of ``make bench`` (dynamo's eager backend: capture, no code generation)."""
+    torch._dynamo.reset()
+    row = bench.compiled_sampling("digits", quick=True, backend="eager")
+    assert row["speedup"] == pytest.approx(row["eager_sec_per_image"] / row["compiled_sec_per_image"], rel=0.05)
+    assert row["max_abs_diff"] < 1e-4 and row["batch"] == 2
+
+
 def test_sampler_verdict_uses_both_quality_bounds() -> None:
     rows = {
         "ddpm-100": {"sec_per_image": 0.03, "fid_pooled": 10.0, "cond_acc_pooled": 0.98},
