@@ -105,13 +105,14 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: C
 
 
 def compare(ref_dir: Path, name: str, cfg: dict[str, int], rounds: int, steps: int,
-            precision: str = "fp32", compiled: bool = False) -> dict[str, Any]:
+            precision: str = "fp32", compiled: bool = False, compiled_sampler: bool = False) -> dict[str, Any]:
     """Median seconds per training step and per generation of both models over ``rounds`` alternating rounds;
     ``bf16-mixed`` runs all under CPU autocast to bfloat16 (weights and optimizer stay float32). Our training step
     ``j`` draws its mask ratio, orders and noise from seed ``j`` (the ratio varies from step to step as the
     reference's does). ``compiled``: also our ``compile: true`` model (compiled for every masked count first; same
     seeds) and our sampling with ``compile_sampler`` (compiled in a first call; ``compiled_sample_max_abs_diff``:
-    its latents against the eager sampler's, same seed)."""
+    its latents against the eager sampler's after the rounds, same seed); ``compiled_sampler``: that sampling
+    only."""
     def autocast() -> Any:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
@@ -147,30 +148,36 @@ def compare(ref_dir: Path, name: str, cfg: dict[str, int], rounds: int, steps: i
 
     players = [("ref", ref_train, ref_sample), ("our", trainer(ours), our_sample)]
     extra: dict[str, Any] = {}
-    if compiled:
+    if compiled or compiled_sampler:
         torch._dynamo.reset()  # torch's recompile limit counts the graphs of every model of a function together
-        fast = our_model(cfg, compile=True).train()
-        fast.load_state_dict(ours.state_dict())
-        with autocast():
-            extra["compile_seconds"] = compile_every_count(fast, latents, labels)
+        fast_train = None
+        if compiled:
+            fast = our_model(cfg, compile=True).train()
+            fast.load_state_dict(ours.state_dict())
+            with autocast():
+                extra["compile_seconds"] = compile_every_count(fast, latents, labels)
+            fast_train = trainer(fast)
         start = time.perf_counter()
-        compiled_latents = our_sample(True)  # compiles the head's step
+        our_sample(True)  # compiles the head's step
         extra["compile_sampler_seconds"] = time.perf_counter() - start
-        extra["compiled_sample_max_abs_diff"] = float((compiled_latents - our_sample()).abs().max())
-        players.append(("compiled", trainer(fast), lambda: our_sample(True)))
-    times: dict[str, list[float]] = {f"{who}_{what}": [] for who, _, sample in players
-                                     for what in ("train", "sample") if what == "train" or sample is not None}
+        players.append(("compiled", fast_train, lambda: our_sample(True)))
+    times: dict[str, list[float]] = {f"{who}_{what}": [] for who, train, sample in players
+                                     for what, fn in (("train", train), ("sample", sample)) if fn is not None}
     for _, train, _ in players:
-        train()  # warm-up
+        if train is not None:
+            train()  # warm-up
     for r in range(rounds):
         for who, train, sample in players if r % 2 == 0 else players[::-1]:
-            times[f"{who}_train"].append(_seconds(train, steps))
+            if train is not None:
+                times[f"{who}_train"].append(_seconds(train, steps))
             if sample is not None:
                 times[f"{who}_sample"].append(_seconds(sample, 1))
     med = {k: statistics.median(v) for k, v in times.items()}
     if compiled:
         extra["compiled_train_ratio"] = med["ref_train"] / med["compiled_train"]
+    if compiled or compiled_sampler:  # after the rounds' training steps: the head's weights are no longer zero
         extra["compiled_sample_ratio"] = med["ref_sample"] / med["compiled_sample"]
+        extra["compiled_sample_max_abs_diff"] = float((our_sample(True) - our_sample()).abs().max())
     return {
         "config": name, **cfg, "cfg": CFG, "sampling_steps": SAMPLING_STEPS, "threads": torch.get_num_threads(),
         "params_reference": sum(p.numel() for p in ref.parameters()),
@@ -193,12 +200,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compiled", action="store_true",
                         help="also time our compile: true training and compile_sampler sampling (minutes of "
                              "compilation per config)")
+    parser.add_argument("--compiled-sampler", action="store_true",
+                        help="also time our compile_sampler sampling (without the compiled training)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     opts = parser.parse_args(argv)
     if opts.rounds < 1 or opts.steps < 1:
         parser.error("--rounds and --steps must be >= 1")
     results = {"results": [compare(opts.ref_dir.resolve(), n, CONFIGS[n], opts.rounds, opts.steps, opts.precision,
-                                   opts.compiled)
+                                   opts.compiled, opts.compiled_sampler)
                            for n in opts.configs],
                "torch": torch.__version__, "precision": opts.precision, "device": "cpu"}
     text = json.dumps(results, indent=2)
