@@ -28,3 +28,15 @@ def save_generator_checkpoint(path: str | Path, source: str = "digits", **overri
     record_class(model, ckpt)  # as every checkpoint Lightning saves records it
     torch.save(ckpt, path)
     return str(path)
+
+
+def random_head(seed: int = 0):
+    """A small :class:`~lightning_ar.nn.DiffusionLoss` (tokens of 4, conditions of 8, width 32, 3 blocks) in eval mode
+    with every weight drawn from N(0, 0.2): the zero-initialised modulations would make every block the identity."""
+    from lightning_ar.nn import DiffusionLoss
+
+    torch.manual_seed(seed)
+    head = DiffusionLoss(token_dim=4, cond_dim=8, width=32, depth=3)
+    for p in head.parameters():
+        p.data.normal_(0, 0.2)
+    return head.eval()

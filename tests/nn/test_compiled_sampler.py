@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-from helpers.tiny import TINY
+from helpers.tiny import TINY, random_head
 
 from lightning_ar.nn import DiffusionLoss, SamplingOptions
 
@@ -25,14 +25,6 @@ class CountingBackend:
         return gm.forward
 
 
-def _head(seed: int = 0) -> DiffusionLoss:
-    torch.manual_seed(seed)
-    head = DiffusionLoss(token_dim=4, cond_dim=8, width=32, depth=3)
-    for p in head.parameters():  # the zero-initialised modulations would make every block the identity
-        p.data.normal_(0, 0.2)
-    return head.eval()
-
-
 def _samples(head: DiffusionLoss, rows: int, compiled: bool, cfg: float) -> torch.Tensor:
     z = torch.randn(rows, 8, generator=torch.Generator().manual_seed(rows))
     z_null = torch.randn(rows, 8, generator=torch.Generator().manual_seed(100 + rows)) if cfg != 1.0 else None
@@ -42,7 +34,7 @@ def _samples(head: DiffusionLoss, rows: int, compiled: bool, cfg: float) -> torc
 
 def test_compiled_sampler_equals_eager_and_compiles_once_for_every_count() -> None:
     torch._dynamo.reset()
-    head, backend = _head(), CountingBackend()
+    head, backend = random_head(), CountingBackend()
     head.sampler_compile_options = {"backend": backend, "fullgraph": True}  # fullgraph: no graph break anywhere
     for rows, cfg in ((3, 2.0), (5, 3.0), (11, 1.5), (7, 4.0)):  # token counts and scales of four AR steps
         torch.testing.assert_close(_samples(head, rows, True, cfg), _samples(head, rows, False, cfg),
@@ -62,7 +54,7 @@ def test_compiled_sampler_equals_eager_and_compiles_once_for_every_count() -> No
 def test_compiled_sampler_sees_weight_changes_and_is_not_state() -> None:
     """Negative control: after the weights change, compiled samples follow (they are graph inputs, not constants)."""
     torch._dynamo.reset()
-    head = _head()
+    head = random_head()
     head.sampler_compile_options = {"backend": CountingBackend()}
     first = _samples(head, 5, True, 2.0)
     with torch.no_grad():
@@ -79,7 +71,7 @@ def test_compiled_sampler_sees_weight_changes_and_is_not_state() -> None:
 @pytest.mark.slow
 def test_inductor_compiled_sampler_matches_eager() -> None:
     torch._dynamo.reset()
-    head = _head()
+    head = random_head()
     for rows in (3, 8):
         torch.testing.assert_close(_samples(head, rows, True, 3.0), _samples(head, rows, False, 3.0),
                                    rtol=0, atol=1e-4)

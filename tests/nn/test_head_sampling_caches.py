@@ -7,20 +7,13 @@ import copy
 
 import pytest
 import torch
+from helpers.tiny import random_head
 
 from lightning_ar.nn import DiffusionLoss, SamplingOptions
 
 
-def _head(seed: int = 0) -> DiffusionLoss:
-    torch.manual_seed(seed)
-    head = DiffusionLoss(token_dim=4, cond_dim=8, width=32, depth=3)
-    for p in head.parameters():  # the zero-initialised modulations would make every block the identity
-        p.data.normal_(0, 0.2)
-    return head.eval()
-
-
 def test_stacked_modulations_equal_each_layers_own() -> None:
-    net = _head().net
+    net = random_head().net
     c, x = torch.randn(20, 32), torch.randn(20, 4)
     stacked = net.modulations(c)
     own = [block.modulation(c) for block in net.blocks] + [net.final.modulation(c)]
@@ -36,7 +29,7 @@ def test_stacked_modulations_equal_each_layers_own() -> None:
 
 
 def test_stacked_modulations_carry_gradients_to_every_layer() -> None:
-    net = _head().net
+    net = random_head().net
     net.forward_embedded(torch.randn(6, 4), torch.randn(6, 32)).square().sum().backward()
     for layer in [block.modulation[-1] for block in net.blocks] + [net.final.modulation[-1]]:
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
@@ -46,7 +39,7 @@ def test_stacked_modulations_carry_gradients_to_every_layer() -> None:
 def test_cached_sampling_follows_weight_changes(sampler: str) -> None:
     """Negative control built in: a head whose caches were filled by other weights must sample exactly like a
     fresh copy once its weights change (in place, as an optimizer step, or by load_state_dict)."""
-    head, z = _head(0), torch.randn(10, 8)
+    head, z = random_head(0), torch.randn(10, 8)
     opts = SamplingOptions(num_sampling_steps=20, sampler=sampler)
 
     def sample(h: DiffusionLoss) -> torch.Tensor:
@@ -61,5 +54,5 @@ def test_cached_sampling_follows_weight_changes(sampler: str) -> None:
     changed = sample(head)
     assert not torch.equal(changed, first)
     assert torch.equal(changed, sample(copy.deepcopy(head)))
-    head.load_state_dict(_head(5).state_dict())
-    assert torch.equal(sample(head), sample(_head(5)))
+    head.load_state_dict(random_head(5).state_dict())
+    assert torch.equal(sample(head), sample(random_head(5)))
