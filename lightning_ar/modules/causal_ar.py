@@ -97,9 +97,8 @@ class CausalARGenerator(DiffusionGenerator):
             Scalar mean loss over all tokens and their repeats.
         """
         z = self.mar.conditions_ordered(tokens, labels, drop)  # (B, L, W)
-        mul = self.hparams.diffusion_batch_mul
-        target = tokens.reshape(-1, self.token_dim).repeat(mul, 1)  # (B*L*mul, Dt)
-        cond = z.reshape(-1, z.shape[-1]).repeat(mul, 1)  # (B*L*mul, W)
+        target = tokens.reshape(-1, self.token_dim)  # (B*L, Dt); the head repeats it diffusion_batch_mul times
+        cond = z.reshape(-1, z.shape[-1])  # (B*L, W)
         return self.head.loss_given_noise(target, cond, t, noise).mean()
 
     def no_decay_modules(self) -> tuple[torch.nn.Module, ...]:

@@ -117,9 +117,9 @@ class MARGenerator(DiffusionGenerator):
             Scalar mean loss over the masked tokens and their repeats.
         """
         z = self.mar(tokens, mask, labels, drop=drop, num_masked=num_masked)  # (B, L, W)
-        idx, mul = masked_positions(mask, num_masked), self.hparams.diffusion_batch_mul  # (B, n)
-        target = gather_rows(tokens, idx).flatten(0, 1).repeat(mul, 1)  # (B*n*mul, Dt)
-        cond = gather_rows(z, idx).flatten(0, 1).repeat(mul, 1)  # (B*n*mul, W)
+        idx = masked_positions(mask, num_masked)  # (B, n)
+        target = gather_rows(tokens, idx).flatten(0, 1)  # (B*n, Dt); the head repeats it diffusion_batch_mul times
+        cond = gather_rows(z, idx).flatten(0, 1)  # (B*n, W)
         return self.head.loss_given_noise(target, cond, t, noise).mean()
 
     def no_decay_modules(self) -> tuple[torch.nn.Module, ...]:

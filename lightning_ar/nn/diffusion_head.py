@@ -38,6 +38,18 @@ class TimestepEmbedder(nn.Module):
         """``[N]`` timesteps to ``[N, width]``."""
         return self.mlp(timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
 
+    def embed_integers(self, t: Tensor, num_values: int) -> Tensor:
+        """:meth:`forward` for integer timesteps ``t`` ``[N]`` in ``[0, num_values)``: when there are more rows than
+        values, the MLP runs once per value (a ``[num_values, width]`` table, gathered; autograd sums the rows'
+        gradients into it), which is what a training batch of thousands of rows over 1000 timesteps saves.
+
+        Returns:
+            ``[N, width]``, equal to ``forward(t)`` up to the matrix products' rounding.
+        """
+        if t.shape[0] <= num_values:
+            return self(t)
+        return self(torch.arange(num_values, device=t.device))[t]
+
 
 class AdaLNResBlock(nn.Module):
     """``x + gate * MLP(LN(x) * (1 + scale) + shift)`` with (shift, scale, gate) from the conditioning vector."""
@@ -123,6 +135,25 @@ class AdaLNMLPDenoiser(nn.Module):
             ``[N, 2*token_dim]`` (noise, variance interpolation in ``[-1, 1]``) or ``[N, token_dim]``.
         """
         return self.forward_embedded(x, self.time_embed(t) + self.cond_embed(z))
+
+    def embed_repeated(self, t: Tensor, z: Tensor, num_timesteps: int) -> Tensor:
+        """The conditioning vector of :meth:`forward` for rows that repeat ``z``: ``time_embed(t) +
+        cond_embed(z.repeat(R, 1))`` with ``cond_embed`` applied before the repeat and the timestep MLP once per
+        timestep value (:meth:`TimestepEmbedder.embed_integers`); what the training losses use.
+
+        Args:
+            t: ``[R * M]`` integer timesteps in ``[0, num_timesteps)``.
+            z: ``[M, cond_dim]`` conditions, each repeated ``R`` times (``torch.repeat`` order: row ``i`` of the
+                result is ``z[i % M]``).
+            num_timesteps: Number of training timesteps.
+
+        Returns:
+            ``[R * M, width]``.
+        """
+        repeats, rest = divmod(t.shape[0], z.shape[0])
+        if rest:
+            raise ValueError(f"{t.shape[0]} timesteps are not a whole number of repeats of {z.shape[0]} conditions")
+        return self.time_embed.embed_integers(t, num_timesteps) + self.cond_embed(z).repeat(repeats, 1)
 
     def forward_embedded(self, x: Tensor, c: Tensor) -> Tensor:
         """Denoiser output from a ready conditioning vector ``c`` ``[N, width]`` (``time_embed(t) + cond_embed(z)``).

@@ -163,11 +163,25 @@ class DiffusionLoss(nn.Module):
         return t, noise
 
     def loss_given_noise(self, target: Tensor, z: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """Per-token loss ``[N]`` of ``target`` ``[N, token_dim]`` under conditions ``z`` ``[N, cond_dim]`` at the
-        given timesteps ``t`` ``[N]`` and ``noise`` ``[N, token_dim]`` (:meth:`forward` without its draws)."""
+        """Per-token loss ``[N]`` (:meth:`forward` without its draws) at the given timesteps ``t`` ``[N]`` and
+        ``noise`` ``[N, token_dim]``.
+
+        Args:
+            target: ``[M, token_dim]`` clean tokens.
+            z: ``[M, cond_dim]`` their conditions.
+            t: ``[N]`` timesteps, ``N = R * M``: each token is repeated ``R`` times (``torch.repeat`` order, as
+                MAR's ``diffusion_batch_mul``) with fresh noise and timestep; the conditions are embedded before
+                the repeat (:meth:`AdaLNMLPDenoiser.embed_repeated`).
+            noise: ``[N, token_dim]``.
+
+        Returns:
+            ``[N]``.
+        """
+        c = self.net.embed_repeated(t, z, self.num_train_timesteps)  # (N, W); checks that N = R * M
+        target = target.repeat(t.shape[0] // target.shape[0], 1)  # (N, D)
         ab = self.alphas_cumprod[t][:, None]  # (N, 1)
         x_t = ab.sqrt() * target + (1.0 - ab).sqrt() * noise  # (N, D)
-        out = self.net(x_t, t, z).float()  # (N, 2D)
+        out = self.net.forward_embedded(x_t, c).float()  # (N, 2D)
         eps = out[:, : self.token_dim]
         loss = ((eps - noise) ** 2).mean(dim=-1)
         if self.learn_sigma:
