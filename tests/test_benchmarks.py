@@ -122,3 +122,14 @@ def test_refinement_study_verdict_needs_a_positive_gap() -> None:
     assert rs._verdict({"variants": rows}, small) == "VACUOUS"
     rows["map"] = _study_row(0.05, -0.1, -0.1, 1.0, -0.05)
     assert rs._verdict({"variants": rows}, positive) == "NOT WORKING"
+
+
+def test_head_training_benchmark_compares_equal_losses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``benchmarks/head_training.py`` on a tiny shape: both formulations give the same loss (table path: 1200
+    rows > 1000 timesteps)."""
+    import head_training
+
+    monkeypatch.setattr(head_training, "SHAPES", {"tiny": (4, 8, 16, 300)})
+    row = head_training.measure("tiny", rounds=1)
+    assert row["rows"] == 1200 and row["max_rel_diff"] < 1e-4
+    assert row["speedup"] == pytest.approx(row["seconds"]["per_row"] / row["seconds"]["ours"])
