@@ -56,6 +56,9 @@ class LatentDataModule(L.LightningDataModule):
         seed: Seed of the per-item flip and posterior draws of a cache.
         check_values: Read the whole cache once at start and reject NaN/Inf values.
         reference_stats: ``.npz`` with ``mu``/``sigma`` for that evaluator's FID (overrides ``reference``'s).
+        drop_last: Drop each epoch's last, smaller training batch (MAR's training does): with ``model.compile`` it
+            keeps one batch shape, so each masked count compiles one graph (the generators warn when a compiled
+            run would see a partial batch). Evaluation loaders keep every item.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class LatentDataModule(L.LightningDataModule):
         seed: int = 0,
         check_values: bool = False,
         reference_stats: str | None = None,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -82,6 +86,9 @@ class LatentDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.predict_per_class = batch_size, num_workers, predict_per_class
         self.reference, self.inception_weights, self.seed = reference, inception_weights, seed
         self.reference_stats = reference_stats
+        if not isinstance(drop_last, bool):
+            raise ValueError(f"data.drop_last must be true or false, got {drop_last!r}")
+        self.drop_last = drop_last
         self.cache, self.source = None, None
         if cache_dir is not None:
             if source is not None:
@@ -139,7 +146,8 @@ class LatentDataModule(L.LightningDataModule):
         latents, labels = self.source.split(split)
         return TensorDataset(latents * self._latent_scale, labels)
 
-    def _loader(self, dataset: Dataset, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool, sampler: Sampler | None = None,
+                drop_last: bool = False) -> DataLoader:
         if sampler is None and self.cache is not None:
             sampler = self._epoch_sampler(dataset, shuffle)
         elif sampler is None and shuffle:
@@ -150,6 +158,7 @@ class LatentDataModule(L.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            drop_last=drop_last,
         )
 
     def _world_rank(self) -> tuple[int, int]:
@@ -161,7 +170,11 @@ class LatentDataModule(L.LightningDataModule):
         return EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("train"), shuffle=True)
+        loader = self._loader(self._dataset("train"), shuffle=True, drop_last=self.drop_last)
+        if self.drop_last and len(loader) == 0:
+            raise ValueError(f"data.drop_last: the training split ({len(loader.sampler)} items per process) is "
+                             f"smaller than data.batch_size ({self.batch_size}): no batch would be left")
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val"), shuffle=False)

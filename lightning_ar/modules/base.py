@@ -15,11 +15,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_ar.modules.optim import check_lr_recipe
 from lightning_ar.modules.steps import DiffusionLossSteps
-from lightning_ar.modules.utils import check_finite_hparams, check_latent_shape, predict_block
+from lightning_ar.modules.utils import check_finite_hparams, check_latent_shape, partial_last_batch, predict_block
 from lightning_ar.nn.diffusion_loss import TIMESTEP_SPACINGS
 from lightning_ar.nn.mar import unpatchify
 from lightning_ar.nn.modes import eval_mode
@@ -66,7 +67,9 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
             after the step's random draws) is compiled once per shape; MAR's masked count takes at most
             ``mask_buckets`` values, so no batch recompiles after those (sampling: ``compile_sampler``). Torch keeps
             the graphs per function: several compiled models in one process share its recompile limit (8 graphs);
-            call ``torch._dynamo.reset()`` between them.
+            call ``torch._dynamo.reset()`` between them. A smaller last batch per epoch is another shape: set
+            ``data.drop_last: true`` (a compiled run warns at its start otherwise). Validation and test losses run
+            eager.
         compile_options: Keyword arguments of ``torch.compile`` (``backend``, ``mode``, ...) over our default
             ``dynamic: false`` (one specialised graph per shape, as CUDA graphs need); ``None``: torch's other defaults
             (inductor).
@@ -161,10 +164,11 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- training
     def compiled(self, name: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        """``fn``, or with ``model.compile`` its ``torch.compile`` (built once per ``name``, with ``dynamic=False``
-        and ``model.compile_options``). The compiled callables are not state: pickling or copying the module drops
-        them."""
-        if not self.hparams.compile:
+        """``fn``, or with ``model.compile`` in training mode its ``torch.compile`` (built once per ``name``, with
+        ``dynamic=False`` and ``model.compile_options``); validation and test losses run eager (their batch shapes
+        and grad mode would compile graphs of their own). The compiled callables are not state: pickling or copying
+        the module drops them."""
+        if not self.hparams.compile or not self.training:
             return fn
         cache = self.__dict__.setdefault("_compiled", {})
         if name not in cache:
@@ -175,6 +179,18 @@ class DiffusionGenerator(DiffusionLossSteps, L.LightningModule):
         state = super().__getstate__()
         state.pop("_compiled", None)
         return state
+
+    def on_train_start(self) -> None:
+        """With ``model.compile``: warn when each epoch ends with a smaller batch (another shape to compile)."""
+        if self.hparams.compile:
+            loader = self.trainer.train_dataloader
+            rest = partial_last_batch(loader)
+            if rest is not None and self.trainer.num_training_batches >= len(loader):  # limits may stop before it
+                rank_zero_warn(
+                    f"model.compile: each epoch's last training batch has {rest[0]} of {rest[1]} items, another "
+                    "shape: it compiles graphs of its own (one per masked count) and, past torch's recompile limit "
+                    "(8 graphs), runs eager. Set data.drop_last: true (MAR's training drops it too) to keep one "
+                    "batch shape.", category=UserWarning)
 
     def diffusion_loss(self, latents: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The generator's training loss on a batch (what ``training_step`` minimises).

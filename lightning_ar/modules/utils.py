@@ -76,3 +76,16 @@ def predict_block(generate: Callable[..., torch.Tensor], batch: tuple[torch.Tens
     labels, indices = batch
     return {"latents": generate(labels, generator=seeded_generator(int(indices[0]), device=device)),
             "labels": labels, "indices": indices}
+
+
+def partial_last_batch(loader: object) -> tuple[int, int] | None:
+    """``(items, batch_size)`` of the smaller last batch a training ``DataLoader`` yields each epoch on this process,
+    or ``None`` (it drops it, divides evenly, or its sampler has no length)."""
+    batch_size = getattr(loader, "batch_size", None)
+    if getattr(loader, "drop_last", True) or not batch_size:
+        return None
+    try:
+        rest = len(loader.sampler) % batch_size  # type: ignore[attr-defined]
+    except TypeError:
+        return None
+    return (rest, batch_size) if rest else None

@@ -137,3 +137,46 @@ def test_shipped_digits_config_trains_compiled_through_the_cli(tmp_path, fresh_d
     ckpt = torch.load(tmp_path / "run" / "fit" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3 and ckpt["hyper_parameters"]["compile"] is True
     assert not any("_orig_mod" in key for key in ckpt["state_dict"])
+
+
+def _fit_shipped_digits(tmp_path: Path, *extra: str) -> dict:
+    repo = Path(__file__).resolve().parents[2]
+    main(["fit", "--config", str(repo / "configs/digits/mar.yaml"), "--config", str(repo / "configs/debug.yaml"),
+          "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+          "--trainer.logger.init_args.name", "run", "--trainer.logger.init_args.version", "fit",
+          "--trainer.enable_progress_bar", "false", "--model.compile", "true",
+          "--model.compile_options", '{"backend": "eager", "fullgraph": true}', "--trainer.limit_train_batches",
+          "1.0", *extra])
+    return torch.load(tmp_path / "run" / "fit" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def test_compiled_shipped_config_keeps_one_graph_per_count_across_epochs(tmp_path, fresh_dynamo) -> None:
+    """configs/digits/mar.yaml with `data.drop_last: true` over more than one epoch and its validation: every batch
+    has one shape, so at most the 5 counts the digits ratio allows are compiled (validation runs eager; its shapes
+    and no-grad mode would otherwise add graphs), and no warning about a partial batch."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ckpt = _fit_shipped_digits(tmp_path, "--trainer.max_epochs", "2", "--trainer.max_steps", "100",
+                                   "--data.drop_last", "true")
+    assert ckpt["global_step"] == 100 and ckpt["epoch"] >= 1
+    assert 1 <= counters["stats"]["unique_graphs"] <= 5
+    assert not [w for w in caught if "data.drop_last" in str(w.message)]
+
+
+def test_compiled_run_warns_of_a_partial_last_batch(tmp_path, fresh_dynamo) -> None:
+    """Negative control: the shipped digits split is not a multiple of the batch size."""
+    with pytest.warns(UserWarning, match="data.drop_last: true"):
+        _fit_shipped_digits(tmp_path)
+
+
+def test_bad_drop_last_is_named_and_an_empty_epoch_refused() -> None:
+    from lightning_ar import LatentDataModule
+
+    with pytest.raises(ValueError, match="data.drop_last must be true or false"):
+        LatentDataModule("digits", drop_last="yes")
+    dm = LatentDataModule("digits", batch_size=100_000, drop_last=True)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="smaller than data.batch_size"):
+        dm.train_dataloader()
