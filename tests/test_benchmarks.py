@@ -133,3 +133,17 @@ def test_head_training_benchmark_compares_equal_losses(monkeypatch: pytest.Monke
     row = head_training.measure("tiny", rounds=1)
     assert row["rows"] == 1200 and row["max_rel_diff"] < 1e-4
     assert row["speedup"] == pytest.approx(row["seconds"]["per_row"] / row["seconds"]["ours"])
+
+
+def test_compile_quality_verdict_needs_the_ci_to_exclude_zero() -> None:
+    import compile_quality
+
+    def rows(shift: float) -> dict:
+        eager = {s: {"fid": 20.0 + s, "kid": 0.0, "cond_acc": 0.98} for s in range(3)}
+        comp = {s: {"fid": 20.0 + s + shift + 0.1 * s, "kid": 0.0, "cond_acc": 0.98} for s in range(3)}
+        return {"eager": eager, "compile": comp}
+
+    assert compile_quality.summarise(rows(5.0), [0, 1, 2])["fid"]["verdict"] == "differs"
+    same = compile_quality.summarise(rows(-0.1), [0, 1, 2])["fid"]
+    assert same["verdict"] == "no difference resolved" and same["low"] <= 0 <= same["high"]
+    assert same["eager_seed_sd"] == pytest.approx(1.0)
