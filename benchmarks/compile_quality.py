@@ -43,7 +43,21 @@ def fit_and_test(out: Path, seed: int, compiled: bool) -> dict[str, Any]:
     row = json.loads(results.read_text())["default"]
     timing = out / "timing.json"
     row["fit_seconds"] = json.loads(timing.read_text())["fit_seconds"] if timing.exists() else None
+    row["misses_by_label"] = misses_by_label(out / "test" / "samples.pt")
     return row
+
+
+def misses_by_label(path: Path) -> dict[str, int]:
+    """Test samples the digits classifier assigns to another class, counted per conditioning label."""
+    from lightning_ar.data.sources import DigitsSource
+    from lightning_ar.metrics.digits import load_or_train_digits_classifier
+
+    saved = torch.load(path, map_location="cpu", weights_only=False)["default"]
+    classifier = load_or_train_digits_classifier(None, DigitsSource()).eval()
+    with torch.no_grad():
+        predicted = classifier(saved["latents"].float().clamp(-1.0, 1.0)).argmax(-1)  # (N,)
+    wrong = saved["labels"][predicted != saved["labels"]]
+    return {str(k): int((wrong == k).sum()) for k in range(10)}
 
 
 def paired(diffs: list[float], draws: int = 10_000) -> dict[str, float]:
@@ -77,6 +91,11 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
         fit = " / ".join(f"{r['fit_seconds']:.0f}" if r["fit_seconds"] else "?" for r in (e, c))
         lines.append(f"| {s} | {e['fid']:.2f} | {c['fid']:.2f} | {e['cond_acc']:.3f} | {c['cond_acc']:.3f} | "
                      f"{fit} |")
+    lines += ["", "Misclassified test samples per conditioning label, summed over seeds (18 per label and seed):", "",
+              "| label | " + " | ".join(str(k) for k in range(10)) + " |", "|---" * 11 + "|"]
+    for mode in ("eager", "compile"):
+        counts = [sum(doc["runs"][mode][str(s)]["misses_by_label"][str(k)] for s in doc["seeds"]) for k in range(10)]
+        lines.append(f"| {mode} | " + " | ".join(str(c) for c in counts) + " |")
     lines += ["", "| metric | compiled - eager | verdict | eager seed SD |", "|---|---|---|---|"]
     for metric, d in doc["summary"].items():
         sd = f"{d['eager_seed_sd']:.4f}" if d["eager_seed_sd"] is not None else ""
